@@ -1,0 +1,41 @@
+# One entry point for people and CI. `make run` and `make test` set everything up themselves.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# Empty TORCH_REQ skips the pinned CPU torch (a CUDA cluster installs its own torch first).
+TORCH_REQ ?= requirements/torch-cpu-dev.txt
+PACKAGES := stages/core $(filter-out stages/core,$(patsubst %/pyproject.toml,%,$(wildcard stages/*/pyproject.toml))) flows
+STAMP := $(VENV)/.interiorfusion-installed
+PYTEST_ARGS ?=
+
+.PHONY: setup run test test-fast lint bench images clean
+
+setup: $(STAMP)
+
+$(STAMP): $(wildcard stages/*/pyproject.toml) flows/pyproject.toml requirements/*.txt Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip setuptools wheel
+	$(if $(TORCH_REQ),$(BIN)/python -m pip install -q -r $(TORCH_REQ))
+	$(BIN)/python -m pip install -q -r requirements/dev.txt $(addprefix -e ,$(PACKAGES))
+	touch $(STAMP)
+
+run: setup
+	$(BIN)/interiorfusion pipeline run --config configs/smoke/pipeline.yaml
+
+test: setup
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-fast: setup
+	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+bench: setup
+	$(BIN)/python -m bench
+
+clean:
+	rm -rf .interiorfusion .pytest_cache

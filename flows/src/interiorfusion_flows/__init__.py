@@ -1,0 +1,1 @@
+"""InteriorFusion flows and command line."""

@@ -1,0 +1,1 @@
+"""InteriorFusion core: configs, storage, tracking, checkpoints, the stage contract and shared model ops."""

@@ -1,0 +1,1 @@
+"""InteriorFusion data stage."""
