@@ -1,0 +1,3 @@
+from interiorfusion_flows.cli import main
+
+main()

@@ -1,0 +1,128 @@
+"""Building blocks shared by every stage config: strict models and the training/optimiser sections."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+RESOLUTIONS = (32, 64, 128, 256, 512, 1024)
+
+
+class Strict(BaseModel):
+    """Unknown keys are errors: a typo must never silently become a default."""
+
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+PositiveFloat = Annotated[float, Field(gt=0)]
+NonNegativeFloat = Annotated[float, Field(ge=0)]
+PositiveInt = Annotated[int, Field(gt=0)]
+NonNegativeInt = Annotated[int, Field(ge=0)]
+Probability = Annotated[float, Field(ge=0, le=1)]
+
+
+def check_resolution(value: int) -> int:
+    if value not in RESOLUTIONS:
+        raise ValueError(f"resolution must be one of {', '.join(map(str, RESOLUTIONS))}, got {value}")
+    return value
+
+
+class OptimizerConfig(Strict):
+    type: Literal["AdamW"] = "AdamW"
+    lr: PositiveFloat = 1.0e-4
+    weight_decay: NonNegativeFloat = 0.01
+    betas: tuple[Probability, Probability] = (0.9, 0.999)
+    eps: PositiveFloat = 1.0e-8
+
+
+class SchedulerConfig(Strict):
+    type: Literal["cosine_with_restarts", "linear_warmup_cosine", "constant_with_warmup"] = "linear_warmup_cosine"
+    warmup_steps: NonNegativeInt = 0
+    # cosine_with_restarts: number of hard restarts over a curriculum phase (transformers' num_cycles).
+    num_cycles: PositiveInt = 1
+    # Floor of the cosine, as a fraction of the phase's peak lr.
+    min_lr_ratio: Probability = 0.0
+
+
+class CurriculumPhase(Strict):
+    resolution: int
+    steps: PositiveInt
+    lr: PositiveFloat
+
+    _resolution = field_validator("resolution")(check_resolution)
+
+
+class EMAConfig(Strict):
+    decay: Probability = 0.9999
+    start_step: NonNegativeInt = 0
+
+
+class LRScalingConfig(Strict):
+    """Grendel-GS batch scaling: lr × sqrt(batch), Adam β → β**batch (opt-in)."""
+
+    enabled: bool = False
+    # The batch the base lr/betas were tuned for; scaling uses batch / reference_batch.
+    reference_batch: PositiveInt = 1
+    # Grendel-GS's code also divides Adam eps by sqrt(batch); the seed's formula does not.
+    scale_eps: bool = True
+
+
+class TrainingConfig(Strict):
+    """The seed's `training:` section plus the engine's own knobs (all defaulted)."""
+
+    batch_size: PositiveInt = 1
+    num_gpus: PositiveInt = 1
+    effective_batch_size: PositiveInt | None = None
+    max_steps: PositiveInt = 1000
+    gradient_accumulation: PositiveInt = 1
+    mixed_precision: Literal["no", "fp16", "bf16"] = "bf16"
+    curriculum: list[CurriculumPhase] = Field(default_factory=list)
+    seed: NonNegativeInt = 0
+    grad_clip: NonNegativeFloat = 1.0
+    log_every: PositiveInt = 10
+    val_every: PositiveInt = 1000
+    val_batches: PositiveInt = 4
+    checkpoint_every: PositiveInt = 1000
+    keep_last_checkpoints: PositiveInt = 3
+    ema: EMAConfig | None = None
+    nonfinite_policy: Literal["skip", "rollback", "abort"] = "skip"
+    max_nonfinite_skips: PositiveInt = 100
+    lr_scaling: LRScalingConfig = Field(default_factory=LRScalingConfig)
+    activation_checkpointing: bool = False
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TrainingConfig:
+        implied = self.batch_size * self.num_gpus * self.gradient_accumulation
+        if self.effective_batch_size is not None and self.effective_batch_size != implied:
+            raise ValueError(
+                f"effective_batch_size {self.effective_batch_size} != batch_size × num_gpus × "
+                f"gradient_accumulation = {implied}"
+            )
+        if self.curriculum:
+            total = sum(p.steps for p in self.curriculum)
+            if total != self.max_steps:
+                raise ValueError(f"curriculum steps add up to {total} but max_steps is {self.max_steps}")
+        return self
+
+    @property
+    def global_batch_size(self) -> int:
+        return self.batch_size * self.num_gpus * self.gradient_accumulation
+
+
+class DataLoaderConfig(Strict):
+    """Where a stage reads its samples from; the shards themselves come in as `--input data=URI`."""
+
+    dataset: str = "InteriorFusion-Train"
+    num_workers: NonNegativeInt = 2
+    pin_memory: bool = False
+    # Mixing weight when several datasets feed one stage (the seed's fine-tuning config).
+    weight: NonNegativeFloat = 1.0
+    # Fraction of corrupt samples tolerated before the stage fails.
+    max_corrupt_fraction: Probability = 0.01
+
+
+class LossTerm(Strict):
+    weight: NonNegativeFloat = 1.0
+    type: Literal["l1", "l2", "mse", "cosine", "lpips", "bce"] | None = None
+    network: Literal["vgg", "alex", "squeeze"] | None = None

@@ -1,0 +1,27 @@
+"""Errors a user can cause. The CLI prints these as one line and exits non-zero, never a traceback."""
+
+from __future__ import annotations
+
+
+class UserError(Exception):
+    """Bad input from a user (config, data, URI, missing server or weights): one clear sentence."""
+
+    exit_code = 1
+
+
+class ConfigError(UserError):
+    """A config file or override is invalid. Message format: `FILE: a.b.c: what is wrong`."""
+
+    exit_code = 2
+
+
+class StorageError(UserError):
+    """An artifact could not be read or written (missing object, unreachable server, bad key)."""
+
+
+class ChecksumError(StorageError):
+    """An object's bytes do not match the sha256 recorded when it was written."""
+
+
+class IncompleteArtifactError(UserError):
+    """A prefix has no manifest.json: its stage never finished, so it is not an input."""

@@ -1,0 +1,203 @@
+"""MLflow tracking: one parent run per pipeline run, a nested run per stage, batched metrics.
+
+Embedded default: `sqlite:///<state dir>/mlflow.db` with artifacts beside it; `MLFLOW_TRACKING_URI` wins.
+The client API is used (not mlflow's fluent globals) so concurrent stages in one process never share state.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import tempfile
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from interiorfusion_core.errors import UserError
+from interiorfusion_core.state import distributed_rank, state_dir
+
+DEFAULT_EXPERIMENT = "interiorfusion"
+SECRET_PATTERN = re.compile(r"(secret|password|passwd|token|access_key|credential|api_key|private_key)", re.I)
+PARAM_VALUE_LIMIT = 6000
+
+
+def tracking_uri() -> str:
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        return uri
+    return f"sqlite:///{state_dir() / 'mlflow.db'}"
+
+
+def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """Nested config → {"a.b.c": "value"}, secrets redacted, lists as JSON."""
+    flat: dict[str, str] = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, f"{name}."))
+            continue
+        text = json.dumps(value) if isinstance(value, list | tuple) else str(value)
+        if SECRET_PATTERN.search(str(key)):
+            text = "***"
+        flat[name] = text[:PARAM_VALUE_LIMIT]
+    return flat
+
+
+def _client() -> Any:
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=tracking_uri())
+
+
+def check_server(uri: str | None = None, timeout: float = 5.0) -> None:
+    """Fail fast with one sentence when an MLflow server is configured but not answering."""
+    uri = uri or tracking_uri()
+    if not uri.startswith(("http://", "https://")):
+        return
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout) as resp:
+            resp.read()
+    except Exception as exc:
+        raise UserError(
+            f"MLflow server at {uri} is not reachable ({exc}); start it or unset MLFLOW_TRACKING_URI"
+        ) from None
+
+
+def experiment_id(client: Any, name: str) -> str:
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    location = None
+    if not tracking_uri().startswith(("http://", "https://", "databricks")):
+        location = (state_dir() / "mlartifacts").as_uri()
+    try:
+        return client.create_experiment(name, artifact_location=location)
+    except Exception:
+        # Another process created it first.
+        return client.get_experiment_by_name(name).experiment_id
+
+
+class Tracker:
+    """A handle on one MLflow run. Metrics are buffered and sent with log_batch."""
+
+    def __init__(
+        self,
+        run_name: str,
+        *,
+        experiment: str | None = None,
+        parent_run_id: str | None = None,
+        run_id: str | None = None,
+        tags: Mapping[str, str] | None = None,
+        flush_every: int = 200,
+        flush_seconds: float = 10.0,
+    ):
+        check_server()
+        self.client = _client()
+        self.flush_every = flush_every
+        self.flush_seconds = flush_seconds
+        self._metrics: list[Any] = []
+        self._last_flush = time.monotonic()
+        if run_id is not None:
+            self.run_id = run_id
+            return
+        exp_name = experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT
+        all_tags = dict(tags or {})
+        if parent_run_id:
+            all_tags["mlflow.parentRunId"] = parent_run_id
+        run = self.client.create_run(experiment_id(self.client, exp_name), run_name=run_name, tags=all_tags)
+        self.run_id = run.info.run_id
+
+    @property
+    def enabled(self) -> bool:
+        return True
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, str(v)[:PARAM_VALUE_LIMIT]) for k, v in params.items()]
+        for i in range(0, len(items), 100):
+            self.client.log_batch(self.run_id, params=items[i : i + 100])
+
+    def log_config(self, resolved: Mapping[str, Any]) -> None:
+        self.log_params(flatten(resolved))
+        self.log_dict(dict(resolved), "config.json")
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        from mlflow.entities import RunTag
+
+        items = [RunTag(k, str(v)) for k, v in tags.items()]
+        for i in range(0, len(items), 100):
+            self.client.log_batch(self.run_id, tags=items[i : i + 100])
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self._metrics.extend(Metric(k, float(v), now, int(step)) for k, v in metrics.items())
+        if len(self._metrics) >= self.flush_every or time.monotonic() - self._last_flush > self.flush_seconds:
+            self.flush()
+
+    def flush(self) -> None:
+        for i in range(0, len(self._metrics), 1000):
+            self.client.log_batch(self.run_id, metrics=self._metrics[i : i + 1000])
+        self._metrics.clear()
+        self._last_flush = time.monotonic()
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def log_dict(self, obj: Any, name: str) -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            p = Path(tmp) / name
+            p.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
+            self.log_artifact(p)
+
+    def log_image(self, image: Any, name: str) -> None:
+        """A PIL image, a HxWx3 uint8 array, or PNG bytes, stored under images/."""
+        with tempfile.TemporaryDirectory() as tmp:
+            p = Path(tmp) / name
+            if isinstance(image, bytes | bytearray):
+                p.write_bytes(image)
+            else:
+                from PIL import Image
+
+                img = image if hasattr(image, "save") else Image.fromarray(image)
+                buf = io.BytesIO()
+                img.save(buf, format="PNG")
+                p.write_bytes(buf.getvalue())
+            self.log_artifact(p, "images")
+
+    def end(self, status: str = "FINISHED") -> None:
+        self.flush()
+        self.client.set_terminated(self.run_id, status=status)
+
+
+class NullTracker(Tracker):
+    """Non-zero ranks and dry runs: accepts every call, sends nothing."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        self.run_id = None  # type: ignore[assignment]
+
+    @property
+    def enabled(self) -> bool:
+        return False
+
+    def log_params(self, params: Mapping[str, Any]) -> None: ...
+    def log_config(self, resolved: Mapping[str, Any]) -> None: ...
+    def set_tags(self, tags: Mapping[str, Any]) -> None: ...
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None: ...
+    def flush(self) -> None: ...
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None: ...
+    def log_dict(self, obj: Any, name: str) -> None: ...
+    def log_image(self, image: Any, name: str) -> None: ...
+    def end(self, status: str = "FINISHED") -> None: ...
+
+
+def tracker_for_rank(run_name: str, **kwargs: Any) -> Tracker:
+    rank, _ = distributed_rank()
+    return Tracker(run_name, **kwargs) if rank == 0 else NullTracker()
