@@ -29,6 +29,9 @@ os.environ["INTERIORFUSION_HOME"] = str(_SESSION_HOME)
 os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{_SESSION_HOME / 'mlflow.db'}"
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ["PREFECT_HOME"] = str(_SESSION_HOME / "prefect")
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "300")
+os.environ.pop("PREFECT_API_URL", None)
 for var in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "INTERIORFUSION_ARTIFACT_ROOT"):
     os.environ.pop(var, None)
 
@@ -164,4 +167,8 @@ def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    # Prefect's temporary API logs its shutdown at interpreter exit, after pytest closed the captured streams.
+    import logging
+
+    logging.disable(logging.CRITICAL)
     shutil.rmtree(_SESSION_HOME, ignore_errors=True)

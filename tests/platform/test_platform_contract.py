@@ -3,74 +3,19 @@
 from __future__ import annotations
 
 import json
-import os
 import threading
 import time
 from pathlib import Path
-from typing import ClassVar
 
 import pytest
 import yaml
+from fakestages import EchoStage
 from typer.testing import CliRunner
 
-from interiorfusion_core.config.base import Strict
-from interiorfusion_core.config.schemas import StageConfig
-from interiorfusion_core.contract import Stage, StageContext, StageResult, run_stage
+from interiorfusion_core.contract import run_stage
 from interiorfusion_core.errors import IncompleteArtifactError, StorageError, UserError
 from interiorfusion_core.manifest import MANIFEST_KEY, read_manifest
-from interiorfusion_core.registry import register_stage
 from interiorfusion_core.storage import open_store
-
-
-class EchoSection(Strict):
-    text: str = "hello"
-    size_mb: int = 0
-    fail: bool = False
-
-
-class EchoConfig(StageConfig):
-    kind: str | None = "echo"
-    echo: EchoSection = EchoSection()
-
-
-@register_stage
-class EchoStage(Stage):
-    """Writes its text (and optionally a big blob); downstream `upper` reads it."""
-
-    name = "echo"
-    config_kind = "echo"
-    config_model = EchoConfig
-    calls: ClassVar[int] = 0
-
-    def run(self, ctx: StageContext) -> StageResult:
-        EchoStage.calls += 1
-        cfg = ctx.config.echo
-        ctx.output.put_bytes("text.txt", cfg.text.encode())
-        if cfg.size_mb:
-            blob = ctx.work_dir / "blob.bin"
-            blob.write_bytes(os.urandom(cfg.size_mb << 20))
-            ctx.output.put_file("blob.bin", blob)
-        if cfg.fail:
-            raise UserError("echo was told to fail")
-        ctx.tracker.log_metrics({"length": len(cfg.text)}, step=1)
-        return StageResult(metrics={"length": float(len(cfg.text))}, outputs={"text": "text.txt"})
-
-
-class UpperConfig(StageConfig):
-    kind: str | None = "upper"
-
-
-@register_stage
-class UpperStage(Stage):
-    name = "upper"
-    config_kind = "upper"
-    config_model = UpperConfig
-    inputs: ClassVar[dict[str, str]] = {"source": "echo"}
-
-    def run(self, ctx: StageContext) -> StageResult:
-        text = ctx.inputs["source"].read_bytes("text.txt").decode()
-        ctx.output.put_bytes("upper.txt", text.upper().encode())
-        return StageResult(outputs={"text": "upper.txt"})
 
 
 def _cfg(tmp_path: Path, kind: str, name: str | None = None, **echo) -> Path:
@@ -89,7 +34,7 @@ def test_manifest_records_artifacts_and_cache_skips(tmp_path: Path) -> None:
     assert not first.skipped
     m = read_manifest(out)
     assert m.stage == "echo" and m.artifacts["text.txt"].size == 3
-    assert m.metrics == {"length": 3.0} and m.outputs == {"text": "text.txt"}
+    assert m.metrics["length"] == 3.0 and m.metrics["stage_seconds"] > 0 and m.outputs == {"text": "text.txt"}
     assert m.mlflow_run_id and "interiorfusion-core" in m.code_version
     assert not (tmp_path / "out" / "_run.json").exists()
     calls = EchoStage.calls

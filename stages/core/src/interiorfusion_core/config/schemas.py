@@ -22,6 +22,7 @@ from interiorfusion_core.config.base import (
     DataLoaderConfig,
     LossTerm,
     NonNegativeFloat,
+    NonNegativeInt,
     OptimizerConfig,
     PositiveFloat,
     PositiveInt,
@@ -277,6 +278,35 @@ class AccelerateConfig(StageConfig):
         return self
 
 
+# ---------------------------------------------------------------------------------------------- pipeline
+class PipelineStageEntry(Strict):
+    """How one stage runs inside a pipeline."""
+
+    config: str
+    enabled: bool = True
+    executor: Literal["inprocess", "subprocess", "docker", "kubernetes"] = "inprocess"
+    # `--set` overrides applied on top of the stage config.
+    set: list[str] = Field(default_factory=list)
+    # subprocess: processes for `accelerate launch` (1 = plain `python -m`), and its launcher config.
+    num_processes: PositiveInt = 1
+    accelerate_config: str | None = None
+    # docker/kubernetes: the stage image (default interiorfusion/<stage>:latest) and GPUs to request.
+    image: str | None = None
+    gpus: NonNegativeInt = 0
+    # Retries for infrastructure faults (never for user errors such as a bad config).
+    retries: NonNegativeInt = 2
+    retry_delay_seconds: NonNegativeFloat = 10.0
+
+
+class PipelineConfig(StageConfig):
+    kind: Literal["pipeline"] | None = None
+    name: str = Field(default="default", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    # Where stage outputs go; default `$INTERIORFUSION_ARTIFACT_ROOT` or the local state dir.
+    artifact_root: str | None = None
+    experiment: str = "interiorfusion"
+    stages: dict[str, PipelineStageEntry]
+
+
 CONFIG_KINDS: dict[str, type[StageConfig]] = {
     "vae_pretrain": VAEPretrainConfig,
     "dit_structure": DiTStructureConfig,
@@ -284,10 +314,12 @@ CONFIG_KINDS: dict[str, type[StageConfig]] = {
     "finetune_lora": FinetuneLoRAConfig,
     "rl_finetune": RLFinetuneConfig,
     "accelerate": AccelerateConfig,
+    "pipeline": PipelineConfig,
 }
 
 # Keys that tell a config's kind when it has no `kind:` line, checked in order.
 _KIND_SIGNATURES: list[tuple[str, tuple[str, ...]]] = [
+    ("pipeline", ("stages",)),
     ("accelerate", ("distributed_type",)),
     ("accelerate", ("deepspeed_config",)),
     ("accelerate", ("deep_speed_config",)),
