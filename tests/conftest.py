@@ -166,6 +166,35 @@ def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return tmp_path
 
 
+@dataclass
+class PrefectServer:
+    api_url: str
+    home: Path
+    proc: subprocess.Popen
+
+    def env(self) -> dict[str, str]:
+        return {"PREFECT_API_URL": self.api_url, "PREFECT_HOME": str(self.home),
+                "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+
+
+@pytest.fixture(scope="session")
+def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrefectServer]:
+    home = tmp_path_factory.mktemp("prefect-server")
+    port = free_port()
+    log = home / "server.log"
+    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+           "PREFECT_UI_ENABLED": "false"}
+    env.pop("PREFECT_API_URL", None)
+    proc = subprocess.Popen(
+        [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        stdout=open(log, "wb"), stderr=subprocess.STDOUT, env=env, start_new_session=True,
+    )
+    api = f"http://127.0.0.1:{port}/api"
+    wait_http(f"{api}/health", 180, proc, log)
+    yield PrefectServer(api, home, proc)
+    stop(proc, timeout=20)
+
+
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     # Prefect's temporary API logs its shutdown at interpreter exit, after pytest closed the captured streams.
     import logging
