@@ -73,6 +73,22 @@ class VAELossConfig(Strict):
     normal_consistency: LossTerm = LossTerm(weight=0.3, type="cosine")
     edge_preservation: LossTerm = LossTerm(weight=0.2, type="l1")
     pruning: LossTerm = LossTerm(weight=1.0, type="bce")
+    # The seed sums the KL over everything; "mean" (per latent element) keeps its weight independent of scene
+    # size and batch. "sum" sums per sample and averages over the batch (the seed's formula, per sample).
+    kl_reduction: Literal["mean", "sum"] = "mean"
+    # Views per sample rendered for the depth/normal/edge terms (0 disables them).
+    render_views: NonNegativeInt = 2
+
+
+class VAEEncodeConfig(Strict):
+    """The encode job that runs after training: latents of the whole dataset for stages 2–3."""
+
+    enabled: bool = True
+    splits: list[str] = Field(default_factory=lambda: ["train", "val", "test"])
+    samples_per_shard: PositiveInt = 256
+    # Held-out split used for the reconstruction metrics (occupancy IoU, material L1) and the preview.
+    eval_split: str = "val"
+    eval_samples: PositiveInt = 8
 
 
 class VAEPretrainConfig(StageConfig):
@@ -83,6 +99,7 @@ class VAEPretrainConfig(StageConfig):
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     data: DataLoaderConfig = Field(default_factory=DataLoaderConfig)
     loss: VAELossConfig = Field(default_factory=VAELossConfig)
+    encode: VAEEncodeConfig = Field(default_factory=VAEEncodeConfig)
 
 
 # ---------------------------------------------------------------------------------------------- DiTs
