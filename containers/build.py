@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib.metadata
 import json
 import os
 import re
@@ -331,7 +332,8 @@ class Builder:
                         copy,
                         ignore=shutil.ignore_patterns("build", "dist", "*.egg-info", "__pycache__"),
                     )
-                    run([*self.pip, "wheel", "--quiet", "--no-deps", "-w", str(self.project_dir), str(copy)])
+                    cmd = [*self.pip, "wheel", "--quiet", "--no-deps", *self.isolation_flags()]
+                    run([*cmd, "-w", str(self.project_dir), str(copy)])
                 made = sorted(self.project_dir.glob(f"{pkg.module}-*.whl"))
                 if len(made) != 1:
                     raise BuildFailure(f"expected one wheel for {name} in {self.project_dir}, found {made}")
@@ -340,6 +342,17 @@ class Builder:
                 built.append(pkg.short)
             st.note = f"built {', '.join(built)}" if built else "all cached"
         return wheels
+
+    @staticmethod
+    def isolation_flags() -> list[str]:
+        """Skip pip's isolated build environment (seconds per package) when this interpreter already has a
+        setuptools that satisfies the packages' build-system (>=68) and builds wheels by itself (>=70.1)."""
+        try:
+            version = importlib.metadata.version("setuptools")
+        except importlib.metadata.PackageNotFoundError:
+            return []
+        major, minor = (int(x) for x in re.findall(r"\d+", version)[:2])
+        return ["--no-build-isolation"] if (major, minor) >= (70, 1) else []
 
     # ---- step 3: wheelhouse
     def third_party(self, names: list[str]) -> list[str]:
@@ -480,17 +493,25 @@ class Builder:
 
     # ---- step 5: images
     def build_image(
-        self, *, image: str, dockerfile: Path, ctx: Path, buildargs: dict[str, str], step: str
+        self, *, image: str, dockerfile: Path, ctx: Path, buildargs: dict[str, str], parent: str, step: str
     ) -> None:
-        files = sorted(p for p in ctx.rglob("*") if p.is_file())
+        # What the image is a function of: the parent image (by id), the Dockerfile, the build args and
+        # the context. Third-party wheels are named by their pinned version (name and size suffice); project
+        # wheels keep their version across code changes, so those and the lock files are hashed.
+        parent_id = run(
+            self.docker_cmd("image", "inspect", "--format", "{{.Id}}", parent), env=self.env, capture=True
+        )
+        context = []
+        for p in sorted(p for p in ctx.rglob("*") if p.is_file()):
+            rel = str(p.relative_to(ctx))
+            third_party = rel.startswith("wheels/") and p.suffix == ".whl"
+            context.append((rel, p.stat().st_size if third_party else sha256_file(p)))
         inputs = digest(
             {
+                "parent": parent_id.strip(),
                 "dockerfile": dockerfile.read_text(),
                 "args": buildargs,
-                "context": [
-                    (str(p.relative_to(ctx)), p.stat().st_size, p.name) for p in files if p.suffix == ".whl"
-                ]
-                + [(str(p.relative_to(ctx)), sha256_file(p)) for p in files if p.suffix != ".whl"],
+                "context": context,
                 "layout": LAYOUT_VERSION,
             }
         )
@@ -555,6 +576,7 @@ class Builder:
             dockerfile=CONTAINERS / "base" / "Dockerfile",
             ctx=base_ctx,
             buildargs={"BASE_IMAGE": base_image, "TORCH_SPEC": args.torch_spec, **common},
+            parent=base_image,
             step="image base",
         )
         for s in stages:
@@ -564,6 +586,7 @@ class Builder:
                 dockerfile=own if own.exists() else CONTAINERS / "stage" / "Dockerfile",
                 ctx=stage_ctx[s],
                 buildargs={"BASE": base_tag, "STAGE": s, **common},
+                parent=base_tag,
                 step=f"image {s}",
             )
         print(self.timer.report(), file=sys.stderr)
