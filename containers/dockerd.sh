@@ -86,11 +86,26 @@ stop() {
     fi
     kill -TERM "$pid"
     for ((i = 0; i < 60; i++)); do
-        kill -0 "$pid" 2>/dev/null || { echo "dockerd.sh: stopped dockerd (pid $pid)" >&2; return 0; }
+        if ! kill -0 "$pid" 2>/dev/null; then
+            echo "dockerd.sh: stopped dockerd (pid $pid)" >&2
+            unmount_leftovers
+            return 0
+        fi
         sleep 0.5
     done
     echo "dockerd.sh: dockerd (pid $pid) still running after 30 s; sending SIGKILL" >&2
     kill -KILL "$pid" 2>/dev/null || true
+    sleep 1
+    unmount_leftovers
+}
+
+unmount_leftovers() {
+    # dockerd leaves its network-namespace bind mount (exec root) and the data root mount behind; unmount
+    # them, deepest first, so the state directory can be removed.
+    local mnt
+    awk -v d="$DIR/" 'index($2, d) == 1 {print $2}' /proc/mounts | sort -r | while read -r mnt; do
+        umount "$mnt" 2>/dev/null || umount -l "$mnt" 2>/dev/null || true
+    done
 }
 
 case "${1:-}" in
