@@ -176,6 +176,9 @@ class SparseDecoder(nn.Module):
         )
         self.out_norm = SparseGroupNorm(_groups(channels[0]), channels[0])
         self.material_head = nn.Linear(channels[0], MATERIAL_CHANNELS)
+        # Logit of the dataset's mean albedo/metallic/roughness, added before the sigmoid: the head then learns
+        # deviations from the data prior instead of spending thousands of steps walking its bias there.
+        self.register_buffer("material_prior", torch.zeros(5))
         self.act = nn.SiLU()
 
     def forward(
@@ -204,7 +207,7 @@ class SparseDecoder(nn.Module):
         h = self.stages[n_up](h)
         raw = self.material_head(self.act(self.out_norm(h).feats))
         material = torch.cat(
-            [torch.sigmoid(raw[:, :5]), torch.nn.functional.normalize(raw[:, 5:8], dim=1, eps=1e-6)], dim=1
+            [torch.sigmoid(raw[:, :5] + self.material_prior), torch.nn.functional.normalize(raw[:, 5:8], dim=1, eps=1e-6)], dim=1
         )
         # channel_to_space with an all-true mask emits children parent-major, slot-minor: logits line up.
         occupancy_logits = logits[-1].reshape(-1)
@@ -227,6 +230,12 @@ class SLATInteriorVAE(nn.Module):
         self.geometry_encoder = SparseEncoder(1, channels, blocks_per_level, latent_dim, backend)
         self.material_encoder = SparseEncoder(1 + MATERIAL_CHANNELS, channels, blocks_per_level, latent_dim, backend)
         self.decoder = SparseDecoder(2 * latent_dim, channels, blocks_per_level, backend)
+
+    @torch.no_grad()
+    def set_material_prior(self, mean_material: torch.Tensor) -> None:
+        """Centre the material head on the data: `mean_material` [8] (albedo, metallic, roughness, normal)."""
+        p = mean_material[:5].to(self.decoder.material_prior).clamp(0.02, 0.98)
+        self.decoder.material_prior.copy_(torch.log(p / (1 - p)))
 
     def encode(self, occupancy: SparseTensor, material: torch.Tensor) -> dict[str, object]:
         """occupancy: the surface voxels (features ignored); material [N, 8] aligned with its rows."""

@@ -24,7 +24,7 @@ from interiorfusion_core.sparse import SparseTensor
 from interiorfusion_data.loader import collate_scenes, open_dataset
 from interiorfusion_vae.model import SLATInteriorVAE, lookup_rows
 from interiorfusion_vae.render import soft_render
-from interiorfusion_vae.task import VAETask, build_vae, sparse_batch
+from interiorfusion_vae.task import VAETask, build_vae, mean_material, sparse_batch
 
 LATENT_FORMAT = "interiorfusion.latents/1"
 COMPRESSION = 16
@@ -90,9 +90,7 @@ def evaluate(model: SLATInteriorVAE, data_uri: str, config: VAEPretrainConfig, r
     """Held-out occupancy IoU and material L1 of a free decode, beside two trivial baselines: filling every
     fine voxel of the occupied latent cells (what the latent coordinates alone give), and predicting the
     training set's mean material everywhere."""
-    train = open_dataset(data_uri, "train")
-    means = [train.get(i, resolution, fields=("voxels",))["feats"].mean(0) for i in range(min(len(train), 16))]
-    mean_material = torch.from_numpy(np.mean(means, axis=0)).float()
+    prior = mean_material(data_uri, resolution)
     held = open_dataset(data_uri, config.encode.eval_split)
     ious, base_ious, l1s, base_l1s = [], [], [], []
     for i in range(min(len(held), config.encode.eval_samples)):
@@ -107,7 +105,7 @@ def evaluate(model: SLATInteriorVAE, data_uri: str, config: VAEPretrainConfig, r
         true_mat = batch["feats"]
         if inter:
             l1s.append(float((pred_mat[rows >= 0] - true_mat[rows[rows >= 0]]).abs().mean()))
-        base_l1s.append(float((mean_material[None] - true_mat).abs().mean()))
+        base_l1s.append(float((prior[None] - true_mat).abs().mean()))
     metrics = {
         "occupancy_iou": float(np.mean(ious)) if ious else 0.0,
         "baseline_occupancy_iou": float(np.mean(base_ious)) if base_ious else 0.0,

@@ -39,6 +39,14 @@ def sparse_batch(batch: Mapping[str, Any], dtype: torch.dtype | None = None) -> 
     return occ, feats
 
 
+def mean_material(data_uri: str, resolution: int, samples: int = 16) -> torch.Tensor:
+    """Mean per-voxel material over the first training samples (the prior the material head starts from)."""
+    dataset = open_dataset(data_uri, "train")
+    feats = [torch.from_numpy(dataset.get(i, resolution, fields=("voxels",))["feats"]).float()
+             for i in range(min(len(dataset), samples))]
+    return torch.cat(feats).mean(0) if feats else torch.full((8,), 0.5)
+
+
 class VAETask(TrainTask):
     unit_name = "voxels"
 
@@ -48,7 +56,9 @@ class VAETask(TrainTask):
         self.resolution = config.model.base_resolution
 
     def build_model(self, config: Any) -> nn.Module:
-        return build_vae(config)
+        model = build_vae(config)
+        model.set_material_prior(mean_material(self.data_uri, config.model.base_resolution))
+        return model
 
     def _loader(self, split: str, resolution: int, rank: int, world_size: int, seed: int,
                 shuffle: bool = True) -> SceneLoader:
