@@ -206,9 +206,8 @@ class SparseDecoder(nn.Module):
             h = self.ups[i](h, keep)
         h = self.stages[n_up](h)
         raw = self.material_head(self.act(self.out_norm(h).feats))
-        material = torch.cat(
-            [torch.sigmoid(raw[:, :5] + self.material_prior), torch.nn.functional.normalize(raw[:, 5:8], dim=1, eps=1e-6)], dim=1
-        )
+        pbr = torch.sigmoid(raw[:, :5] + self.material_prior)
+        material = torch.cat([pbr, torch.nn.functional.normalize(raw[:, 5:8], dim=1, eps=1e-6)], dim=1)
         # channel_to_space with an all-true mask emits children parent-major, slot-minor: logits line up.
         occupancy_logits = logits[-1].reshape(-1)
         return DecoderOutput(parents, logits, h, occupancy_logits, material)
