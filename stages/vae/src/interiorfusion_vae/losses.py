@@ -6,7 +6,8 @@
                         batch, so `kl_reduction: mean` (per latent element, the default) or `sum` (per sample,
                         the seed's formula) is a config choice
     depth_consistency   L1 between the decoded surface's soft-rendered depth and the sample's true depth
-    normal_consistency  1 − cos between rendered decoded normals and the true normal map
+    normal_consistency  1 − |cos| between rendered decoded normals (rotated into the camera frame) and the view's
+                        normal map (camera frame, flipped towards the camera, hence the sign-free cosine)
     edge_preservation   L1 between Sobel edge maps of rendered and true depth (in the seed's config, missing
                         from its code)
     pruning             BCE of every early-pruning head against the encoder's own subdivision
@@ -84,11 +85,14 @@ def render_terms(out: DecoderOutput, batch: dict[str, Any], max_views: int) -> d
             if not bool(valid.any()):
                 continue
             depth_l.append((r.depth - true_depth).abs()[valid].mean())
+            # The views' normal maps are in the camera frame and flipped to face the camera; voxel normals are
+            # world-frame with the mesh's orientation. Rotate into the camera frame and compare up to sign.
             true_n = batch["normal"][b, v].to(probs.dtype).permute(1, 2, 0)
             seen = valid & (r.alpha > 0.5)
             if bool(seen.any()):
-                cos = F.cosine_similarity(r.features[seen], true_n[seen], dim=-1, eps=1e-6)
-                normal_l.append(1 - cos.mean())
+                rot = batch["cam_to_world"][b, v][:3, :3].to(probs.dtype)
+                cos = F.cosine_similarity(r.features[seen] @ rot, true_n[seen], dim=-1, eps=1e-6)
+                normal_l.append(1 - cos.abs().mean())
             edge_l.append((sobel_edges(r.depth * valid) - sobel_edges(true_depth * valid)).abs()[valid].mean())
     zero = probs.sum() * 0
     mean = lambda xs: torch.stack(xs).mean() if xs else zero  # noqa: E731
