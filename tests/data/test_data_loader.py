@@ -14,7 +14,6 @@ import torch
 
 from interiorfusion_core.errors import UserError
 from interiorfusion_core.storage import LocalStore
-
 from interiorfusion_data.config import DataStageConfig
 from interiorfusion_data.loader import SceneLoader, collate_scenes, open_dataset
 from interiorfusion_data.pipeline import write_dataset
@@ -51,7 +50,7 @@ def test_shards_are_plain_webdataset_tars(dataset_dir: Path) -> None:
     assert all(n.split(".", 1)[0].startswith("scene-") for n in names)
     samples = list(iter_tar_samples(shard.read_bytes()))
     assert len(samples) == 4
-    key, members = samples[0]
+    _, members = samples[0]
     assert {"meta.json", "layout.json", "layout.txt", "occ32.coords.npy", "occ64.attrs.npy", "cam.poses.npy",
             "view1.rgb.png", "view0.depth.png", "view0.instance.png"} <= set(members)
     info = json.loads((dataset_dir / "dataset.json").read_text())
@@ -172,9 +171,9 @@ def test_too_many_corrupt_samples_is_a_user_error(copy: Path) -> None:
 
 
 def test_open_dataset_refuses_incomplete_outputs(tmp_path: Path, dataset_dir: Path) -> None:
-    with pytest.raises(UserError, match="no manifest.json"):
+    with pytest.raises(UserError, match=r"no manifest\.json"):
         open_dataset(dataset_dir, "train")
-    with pytest.raises(UserError, match="no dataset.json"):
+    with pytest.raises(UserError, match=r"no dataset\.json"):
         open_dataset(tmp_path, "train", require_manifest=False)
     with pytest.raises(UserError, match="no split 'bogus'"):
         open_dataset(dataset_dir, "bogus", require_manifest=False)
