@@ -756,7 +756,8 @@ class _Composer:
                 self.place_wall(kind, tries=15)
 
     def build(self, archetype: str, seed_info: dict) -> Scene:
-        meta = {"source": "procedural", "room_type": self.room.kind, "archetype": archetype,
+        # "oriented": every face is wound outward (boxes) or into the room (walls), so back faces can be culled.
+        meta = {"source": "procedural", "oriented": True, "room_type": self.room.kind, "archetype": archetype,
                 "room_height": round(self.room.height, 6), **self.meta, **seed_info}
         return self.sb.build(objects=self.objects, walls=self.walls, doors=self.doors, windows=self.windows,
                              floor_polygon=self.room.polygon.copy(), meta=meta)

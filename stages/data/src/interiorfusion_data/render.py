@@ -24,6 +24,13 @@ NEAR = 0.05
 FAR = 100.0
 
 
+def mat3(x: np.ndarray, m: np.ndarray) -> np.ndarray:
+    """x @ m for x (..., 3) and m (3, 3), without BLAS: for tall thin arrays a threaded GEMM call costs far
+    more than these three multiply-adds (and contends for the cores with the data workers)."""
+    m = m.astype(x.dtype, copy=False)
+    return x[..., 0:1] * m[0] + x[..., 1:2] * m[1] + x[..., 2:3] * m[2]
+
+
 def intrinsics(width: int, height: int, fov_deg: float) -> np.ndarray:
     """Square pixels; `fov_deg` is the horizontal field of view."""
     f = (width / 2) / math.tan(math.radians(fov_deg) / 2)
@@ -62,15 +69,31 @@ def ray_directions(K: np.ndarray, width: int, height: int) -> np.ndarray:
     return np.stack([uu.ravel(), vv.ravel(), np.ones(uu.size)], axis=1)
 
 
-def raycast(triangles: np.ndarray, camera: Camera, chunk: int = 4_000_000) -> tuple[np.ndarray, np.ndarray]:
-    """Nearest face index (H*W,) (-1 = none) and its z-depth (H*W,) for every pixel."""
+def _ragged(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """counts [2, 3] → owners [0, 0, 1, 1, 1], offsets [0, 1, 0, 1, 2] (int32)."""
+    owner = np.repeat(np.arange(len(counts), dtype=np.int32), counts)
+    starts = (np.cumsum(counts) - counts).astype(np.int32)
+    return owner, np.arange(int(counts.sum()), dtype=np.int32) - np.repeat(starts, counts)
+
+
+TILE = 8
+
+
+def raycast(triangles: np.ndarray, camera: Camera, cull_backfaces: bool = False,
+            chunk: int = 3_000_000) -> tuple[np.ndarray, np.ndarray]:
+    """Nearest face index (H*W,) (-1 = none) and its z-depth (H*W,) for every pixel.
+
+    `cull_backfaces` skips faces whose winding normal points away from the camera: exact for consistently
+    oriented meshes (the procedural scenes), wrong for unoriented scans, so off by default."""
     w, h, K = camera.width, camera.height, camera.K
     R, t = camera.pose[:3, :3], camera.pose[:3, 3]
-    v = (triangles - t) @ R  # camera frame
+    v = mat3(triangles - t, R)  # camera frame
     z = v[..., 2]
     front = z > NEAR
-    n_front = front.sum(axis=1)
-    keep = n_front > 0
+    keep = front.any(axis=1)
+    n_all = np.cross(v[:, 1] - v[:, 0], v[:, 2] - v[:, 0])
+    if cull_backfaces:
+        keep &= (n_all * v[:, 0]).sum(axis=1) < 0
     # Near-clip for the bounding range: vertices in front, plus edge crossings of the near plane.
     pts = [v[:, i] for i in range(3)]
     valid = [front[:, i] for i in range(3)]
@@ -98,40 +121,58 @@ def raycast(triangles: np.ndarray, camera: Camera, chunk: int = 4_000_000) -> tu
     v1 = np.clip(np.floor(vmax - 0.5), -1, h - 1).astype(np.int64)
     keep &= (u1 >= u0) & (v1 >= v0)
     faces = np.flatnonzero(keep)
-    bw = (u1 - u0 + 1)[faces]
-    counts = bw * (v1 - v0 + 1)[faces]
-    # Per-face ray tests: edge planes through the camera centre, and the triangle's plane.
-    vf = v[faces].astype(np.float64)
+    u0, u1, v0, v1 = (x[faces].astype(np.int32) for x in (u0, u1, v0, v1))
+    # Per-face ray tests: edge planes through the camera centre (s_k = E_k · d), and the triangle's plane.
+    vf = v[faces]
     e = np.stack([np.cross(vf[:, 0], vf[:, 1]), np.cross(vf[:, 1], vf[:, 2]), np.cross(vf[:, 2], vf[:, 0])], axis=1)
-    n = np.cross(vf[:, 1] - vf[:, 0], vf[:, 2] - vf[:, 0])
+    n = n_all[faces]
     c = (n * vf[:, 0]).sum(axis=1)
     coef = np.concatenate([e.reshape(-1, 9), n, c[:, None]], axis=1).astype(np.float32)
     # Ray directions are (dx, dy, 1): dx depends on the column only, dy on the row only.
     ux = ((np.arange(w) + 0.5 - K[0, 2]) / K[0, 0]).astype(np.float32)
     vy = ((np.arange(h) + 0.5 - K[1, 2]) / K[1, 1]).astype(np.float32)
-    u0f, v0f = u0[faces].astype(np.int32), v0[faces].astype(np.int32)
-    bw32 = bw.astype(np.int32)
+    # Big triangles waste most of their bounding range: walk it in TILE×TILE tiles and drop the tiles an edge
+    # function rules out (it is linear in (dx, dy), so its extremes over a tile are at the tile's corners).
+    tw = (u1 - u0) // TILE + 1
+    th = (v1 - v0) // TILE + 1
+    ntiles = tw * th
     zbuf = np.full(w * h, np.inf, np.float32)
     fbuf = np.full(w * h, -1, np.int64)
-    big = np.iinfo(np.int64).max
-    cum = np.cumsum(counts)
+    ibig = np.iinfo(np.int64).max
+    area = (u1 - u0 + 1).astype(np.int64) * (v1 - v0 + 1)
+    cum = np.cumsum(area)
     start = 0
     while start < len(faces):
         base = cum[start - 1] if start else 0
         stop = max(start + 1, int(np.searchsorted(cum, base + chunk, side="right")))
-        cnt = counts[start:stop]
-        owner = np.repeat(np.arange(start, stop, dtype=np.int32), cnt)
-        local = np.arange(int(cnt.sum()), dtype=np.int32) - np.repeat((np.cumsum(cnt) - cnt).astype(np.int32), cnt)
-        fw = bw32[owner]
-        row = v0f[owner] + local // fw
-        col = u0f[owner] + local % fw
+        towner, tl = _ragged(ntiles[start:stop])
+        towner += start
+        ty, tx = tl // tw[towner], tl % tw[towner]
+        c0 = u0[towner] + tx * TILE
+        c1 = np.minimum(c0 + TILE - 1, u1[towner])
+        r0 = v0[towner] + ty * TILE
+        r1 = np.minimum(r0 + TILE - 1, v1[towner])
+        dx0, dx1, dy0, dy1 = ux[c0], ux[c1], vy[r0], vy[r1]
+        cf = coef[towner]
+        pos_ok = np.ones(len(towner), bool)
+        neg_ok = np.ones(len(towner), bool)
+        for k in range(3):
+            a_, b_, c_ = cf[:, 3 * k], cf[:, 3 * k + 1], cf[:, 3 * k + 2]
+            ax0, ax1, by0, by1 = a_ * dx0, a_ * dx1, b_ * dy0, b_ * dy1
+            pos_ok &= c_ + np.maximum(ax0, ax1) + np.maximum(by0, by1) >= 0
+            neg_ok &= c_ + np.minimum(ax0, ax1) + np.minimum(by0, by1) <= 0
+        kt = np.flatnonzero(pos_ok | neg_ok)
+        tww = (c1 - c0 + 1)[kt]
+        owner_t, local = _ragged(tww * (r1 - r0 + 1)[kt])
+        owner = towner[kt][owner_t]
+        row = r0[kt][owner_t] + local // tww[owner_t]
+        col = c0[kt][owner_t] + local % tww[owner_t]
         dx, dy = ux[col], vy[row]
         cf = coef[owner]
-        inside_pos = (cf[:, 0] * dx + cf[:, 1] * dy + cf[:, 2]) >= 0
+        s0 = cf[:, 0] * dx + cf[:, 1] * dy + cf[:, 2]
         s1 = cf[:, 3] * dx + cf[:, 4] * dy + cf[:, 5]
         s2 = cf[:, 6] * dx + cf[:, 7] * dy + cf[:, 8]
-        s0 = cf[:, 0] * dx + cf[:, 1] * dy + cf[:, 2]
-        inside = (inside_pos & (s1 >= 0) & (s2 >= 0)) | ((s0 <= 0) & (s1 <= 0) & (s2 <= 0))
+        inside = ((s0 >= 0) & (s1 >= 0) & (s2 >= 0)) | ((s0 <= 0) & (s1 <= 0) & (s2 <= 0))
         with np.errstate(divide="ignore", invalid="ignore"):
             depth = cf[:, 12] / (cf[:, 9] * dx + cf[:, 10] * dy + cf[:, 11])
         hit = np.flatnonzero(inside & (depth > NEAR) & (depth < FAR))
@@ -141,9 +182,9 @@ def raycast(triangles: np.ndarray, camera: Camera, chunk: int = 4_000_000) -> tu
         win = depth <= zbuf[pix]
         pw, fw_ = pix[win], fidx[win]
         # Nearer hits from earlier chunks are overwritten; exact-depth ties (shared edges) go to the lowest index.
-        tie = np.full(w * h, big, np.int64)
+        tie = np.full(w * h, ibig, np.int64)
         np.minimum.at(tie, pw, fw_)
-        upd = np.flatnonzero(tie != big)
+        upd = np.flatnonzero(tie != ibig)
         fbuf[upd] = tie[upd]
         start = stop
     zbuf[fbuf < 0] = 0.0
@@ -162,20 +203,19 @@ def shade(scene: Scene, camera: Camera, face: np.ndarray, depth: np.ndarray, nor
         return out.reshape(h, w, 3)
     R, t = camera.pose[:3, :3].astype(np.float32), camera.pose[:3, 3].astype(np.float32)
     d = ray_directions(camera.K, w, h).astype(np.float32)[hit] * depth[hit, None]
-    pos = d @ R.T + t
+    pos = mat3(d, R.T) + t
     px, py, pz = pos[:, 0], pos[:, 1], pos[:, 2]
     fh = face[hit]
     mat = scene.face_material[fh]
     albedo, metal = mat[:, :3], mat[:, 3:4]
     rough = np.clip(mat[:, 4], 0.05, 1.0)
-    nrm = normals_world[fh].astype(np.float32)
-    nx, ny, nz = nrm[:, 0].copy(), nrm[:, 1].copy(), nrm[:, 2].copy()
+    nx, ny, nz = (normals_world[fh, i].astype(np.float32) for i in range(3))
     vx, vy_, vz = t[0] - px, t[1] - py, t[2] - pz
     inv = 1.0 / np.sqrt(vx * vx + vy_ * vy_ + vz * vz)
     vx, vy_, vz = vx * inv, vy_ * inv, vz * inv
     flip = np.where(nx * vx + ny * vy_ + nz * vz < 0, -1.0, 1.0).astype(np.float32)
     nx, ny, nz = nx * flip, ny * flip, nz * flip
-    shininess = 2.0 / rough**4 - 2.0
+    shininess = np.minimum(2.0 / rough**4 - 2.0, 4096.0)
     f0 = 0.04 * (1 - metal) + albedo * metal
     diffuse = albedo * (1 - metal)
     color = diffuse * (0.3 + 0.06 * nz)[:, None] + f0 * 0.15
@@ -188,7 +228,9 @@ def shade(scene: Scene, camera: Camera, face: np.ndarray, depth: np.ndarray, nor
         hx, hy, hz = lx + vx, ly + vy_, lz + vz
         inv = 1.0 / np.maximum(np.sqrt(hx * hx + hy * hy + hz * hz), 1e-6)
         ndh = np.clip((nx * hx + ny * hy + nz * hz) * inv, 0, 1)
-        spec = np.minimum((shininess + 8) / (8 * np.pi) * ndh**shininess, 8.0) * 0.25
+        # ndh ** shininess via exp, floored: tiny powers would be denormal floats, which are very slow on CPUs.
+        lobe = np.exp(np.maximum(shininess * np.log(np.maximum(ndh, 1e-6)), -40.0))
+        spec = np.minimum((shininess + 8) / (8 * np.pi) * lobe, 8.0) * 0.25
         energy = light[3] / (1.0 + 0.08 * dist2) * ndl
         color += energy[:, None] * (diffuse * 0.6 + f0 * spec[:, None])
     # Soft tone map and gamma.
@@ -219,13 +261,13 @@ def scene_lights(scene: Scene) -> np.ndarray:
 def render(scene: Scene, camera: Camera, normals_world: np.ndarray | None = None,
            lights: np.ndarray | None = None) -> RenderOutput:
     normals_world = scene.face_normals() if normals_world is None else normals_world
-    face, depth = raycast(scene.triangles, camera)
+    face, depth = raycast(scene.triangles, camera, cull_backfaces=bool(scene.meta.get("oriented", False)))
     hit = face >= 0
     h, w = camera.height, camera.width
     R = camera.pose[:3, :3]
     nw = np.zeros((w * h, 3), np.float32)
     nw[hit] = normals_world[face[hit]]
-    ncam = nw @ R  # world → camera frame
+    ncam = mat3(nw, R)  # world → camera frame
     # Flip to face the camera (rays point along +z in the camera frame, so a visible normal has n·d < 0).
     dirs = ray_directions(camera.K, w, h)
     flip = (ncam * dirs).sum(axis=1) > 0
