@@ -216,6 +216,7 @@ def test_config_is_strict_and_smoke_config_validates() -> None:
     assert load_config(REPO / "configs" / "data.yaml").model.voxel.resolutions == [256, 512, 1024]
 
 
+@pytest.mark.slow
 def test_module_entry_point_runs_the_stage(tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
         [str(REPO / "stages" / "core" / "src"), str(REPO / "stages" / "data" / "src"), os.environ.get("PYTHONPATH",
@@ -225,3 +226,18 @@ def test_module_entry_point_runs_the_stage(tmp_path: Path) -> None:
                        capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert (tmp_path / "o" / "manifest.json").exists()
+
+
+def test_worker_processes_write_the_same_bytes(tmp_path: Path) -> None:
+    from interiorfusion_core.storage import LocalStore
+    from interiorfusion_data.config import DataStageConfig
+    from interiorfusion_data.pipeline import write_dataset
+
+    base = {"num_scenes": 4, "voxel": {"resolutions": [32]}, "render": {"views": 1, "image_size": 32},
+            "shards": {"samples_per_shard": 2}, "preview_samples": 0}
+    shas = []
+    for workers in (0, 2):
+        out = tmp_path / f"w{workers}"
+        write_dataset(LocalStore(out), DataStageConfig.model_validate({**base, "num_workers": workers}), tmp_path)
+        shas.append({p.relative_to(out).as_posix(): p.read_bytes() for p in out.rglob("*") if p.is_file()})
+    assert shas[0] == shas[1]

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tqdm import tqdm
 
 from interiorfusion_core.errors import UserError
 from interiorfusion_core.storage import ArtifactStore, open_store
@@ -252,6 +253,8 @@ def write_dataset(
         todo.append(plan)
     flat = [i for p in todo for i in p.indices]
     stream = build_samples(cfg, import_root, flat)
+    # Progress on stderr (shown on a terminal, silent in logs and tests).
+    progress = tqdm(total=len(flat), desc="data: scenes", unit="scene", disable=None, leave=False)
     for plan in todo:
         tmp = work_dir / f"{plan.split}-{shard_name(plan.number)}"
         writer = ShardWriter(tmp, shard_name(plan.number))
@@ -259,6 +262,7 @@ def write_dataset(
         for _ in plan.indices:
             sample = next(stream)
             writer.add(sample)
+            progress.update(1)
             for k, v in sample.stats.items():
                 shard_stats[k] = shard_stats.get(k, 0.0) + v
         idx = writer.close()
@@ -272,6 +276,7 @@ def write_dataset(
             totals[k] = totals.get(k, 0.0) + v
         if on_shard is not None:
             on_shard(plan, idx, shard_stats)
+    progress.close()
     for plan in plans:
         idx = indexes[plan.key]
         entry = {"shard": plan.key, "index": plan.index_key, "num_samples": len(idx["samples"]),
