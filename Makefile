@@ -37,5 +37,11 @@ lint: setup
 bench: setup
 	$(BIN)/python -m bench
 
+# Stage images, built offline from a host-side wheelhouse (containers/README.md). Needs root for dockerd.
+IMAGES_ARGS ?=
+images: setup
+	bash containers/ci-setup.sh >/dev/null
+	PYTHON=$(BIN)/python containers/build.sh $(IMAGES_ARGS)
+
 clean:
 	rm -rf .interiorfusion .pytest_cache

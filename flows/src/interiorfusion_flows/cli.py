@@ -4,6 +4,8 @@ entry-point group (a typer app per name), so the CLI never needs editing when a 
 from __future__ import annotations
 
 import json
+import os
+import sys
 from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Annotated
@@ -22,6 +24,7 @@ from interiorfusion_core.cli import (
     run_stage_command,
     user_errors,
 )
+from interiorfusion_core.errors import UserError
 
 app = typer.Typer(
     name="interiorfusion",
@@ -33,7 +36,9 @@ app = typer.Typer(
 config_app = typer.Typer(help="Validate and inspect config files.", no_args_is_help=True)
 stage_app = typer.Typer(help="Run one stage of the pipeline.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
+pipeline_app = typer.Typer(help="Run the Prefect pipeline (data → vae → … → evaluate).", no_args_is_help=True)
 app.add_typer(stage_app, name="stage")
+app.add_typer(pipeline_app, name="pipeline")
 
 
 @config_app.command("check")
@@ -90,6 +95,59 @@ def stage_list(as_json: Annotated[bool, typer.Option("--json", help="Machine-rea
     for name, row in rows.items():
         ins = ", ".join(f"{k}←{v}" for k, v in row["inputs"].items()) or "-"
         console.print(f"[bold]{name:10}[/] kind={row['config_kind']:14} inputs: {ins}  {row['description']}")
+
+
+def embedded_defaults() -> None:
+    """With no servers configured, Prefect runs on a temporary local API whose state lives in the project's state
+    dir; its start-up can take well over Prefect's 20 s default on a fresh machine, so allow more."""
+    from interiorfusion_core.state import state_dir
+
+    if not os.environ.get("PREFECT_API_URL"):
+        os.environ.setdefault("PREFECT_HOME", str(state_dir() / "prefect"))
+        os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "300")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO")
+
+
+@pipeline_app.command("run")
+@user_errors
+def pipeline_run(
+    config: Annotated[Path, typer.Option("--config", "-c", help="Pipeline YAML (see configs/pipeline.yaml).")],
+    only: Annotated[
+        str | None, typer.Option("--only", help="Rerun just this stage against the latest run's upstream outputs.")
+    ] = None,
+    from_stage: Annotated[
+        str | None, typer.Option("--from", help="Run this stage and everything after it.")
+    ] = None,
+    force: Annotated[
+        list[str] | None, typer.Option("--force", help="Rerun this stage even if cached. Repeatable.")
+    ] = None,
+    upstream_run: Annotated[
+        str | None, typer.Option("--upstream-run", help="With --only/--from: take upstream outputs from this run id.")
+    ] = None,
+) -> None:
+    """Run the pipeline; unchanged stages are found in the cache and skipped."""
+    if only and from_stage:
+        raise UserError("use either --only or --from, not both")
+    embedded_defaults()
+    from interiorfusion_core.tracking import tracking_uri
+    from interiorfusion_flows.pipeline import interiorfusion_pipeline, load_pipeline
+
+    load_pipeline(config)  # validate before Prefect starts, so a bad config fails in a second
+    record = interiorfusion_pipeline(
+        str(config), only=only, from_stage=from_stage, force=list(force or []), upstream_run=upstream_run
+    )
+    console.print(f"\n[bold]pipeline {record['pipeline']}[/] run {record['run_id']}")
+    for name, uri in record["stages"].items():
+        t = record["timings"].get(name)
+        note = "from an earlier run" if t is None else ("cached" if t["cached"] else f"ran in {t['seconds']:.1f} s")
+        console.print(f"  {name:10} {note:22} {uri}/manifest.json", markup=False)
+    uri = tracking_uri()
+    if uri.startswith("sqlite:"):
+        mlflow_bin = Path(sys.executable).parent / "mlflow"
+        console.print(f"\nMLflow UI: {mlflow_bin} ui --backend-store-uri {uri}", markup=False)
+    else:
+        console.print(f"\nMLflow: {uri}", markup=False)
 
 
 def _mount_plugins() -> None:

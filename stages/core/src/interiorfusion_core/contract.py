@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import subprocess
 import tempfile
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -292,7 +293,9 @@ def run_stage(
                 tracker=tracker, cache_key=key, work_dir=Path(work), rank=rank, world_size=world,
                 resumed=resuming,
             )
+            started = time.perf_counter()
             result = get_stage(stage)().run(ctx)
+            result.metrics.setdefault("stage_seconds", time.perf_counter() - started)
         manifest = Manifest(
             stage=stage, cache_key=key, config_kind=loaded.kind, config_digest=loaded.digest,
             config=loaded.resolved,

@@ -7,6 +7,12 @@ class UserError(Exception):
     """Bad input from a user (config, data, URI, missing server or weights): one clear sentence."""
 
     exit_code = 1
+    # Infrastructure faults (an unreachable server) may succeed on retry; a bad config never will.
+    transient = False
+
+    def __init__(self, message: str, *, transient: bool = False):
+        super().__init__(message)
+        self.transient = transient
 
 
 class ConfigError(UserError):

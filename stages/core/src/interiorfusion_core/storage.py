@@ -319,7 +319,11 @@ class S3Store(ArtifactStore):
             return StorageError(f"{self.uri}: bucket '{self.bucket}' does not exist")
         reason = code or type(exc).__name__
         endpoint = os.environ.get("AWS_ENDPOINT_URL") or "the default AWS endpoint"
-        return StorageError(f"{self.uri_for(key)}: {action} failed against {endpoint} ({reason}: {exc})")
+        # No S3 error code: the request never got an answer (connection refused/reset, timeout).
+        transient = code is None or code in ("SlowDown", "InternalError", "ServiceUnavailable", "RequestTimeout")
+        return StorageError(
+            f"{self.uri_for(key)}: {action} failed against {endpoint} ({reason}: {exc})", transient=transient
+        )
 
     def put_file(self, key: str, path: str | Path) -> ObjectInfo:
         digest = sha256_file(path)

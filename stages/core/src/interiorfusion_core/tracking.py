@@ -64,7 +64,8 @@ def check_server(uri: str | None = None, timeout: float = 5.0) -> None:
             resp.read()
     except Exception as exc:
         raise UserError(
-            f"MLflow server at {uri} is not reachable ({exc}); start it or unset MLFLOW_TRACKING_URI"
+            f"MLflow server at {uri} is not reachable ({exc}); start it or unset MLFLOW_TRACKING_URI",
+            transient=True,
         ) from None
 
 

@@ -22,6 +22,7 @@ from interiorfusion_core.config.base import (
     DataLoaderConfig,
     LossTerm,
     NonNegativeFloat,
+    NonNegativeInt,
     OptimizerConfig,
     PositiveFloat,
     PositiveInt,
@@ -72,6 +73,22 @@ class VAELossConfig(Strict):
     normal_consistency: LossTerm = LossTerm(weight=0.3, type="cosine")
     edge_preservation: LossTerm = LossTerm(weight=0.2, type="l1")
     pruning: LossTerm = LossTerm(weight=1.0, type="bce")
+    # The seed sums the KL over everything; "mean" (per latent element) keeps its weight independent of scene
+    # size and batch. "sum" sums per sample and averages over the batch (the seed's formula, per sample).
+    kl_reduction: Literal["mean", "sum"] = "mean"
+    # Views per sample rendered for the depth/normal/edge terms (0 disables them).
+    render_views: NonNegativeInt = 2
+
+
+class VAEEncodeConfig(Strict):
+    """The encode job that runs after training: latents of the whole dataset for stages 2–3."""
+
+    enabled: bool = True
+    splits: list[str] = Field(default_factory=lambda: ["train", "val", "test"])
+    samples_per_shard: PositiveInt = 256
+    # Held-out split used for the reconstruction metrics (occupancy IoU, material L1) and the preview.
+    eval_split: str = "val"
+    eval_samples: PositiveInt = 8
 
 
 class VAEPretrainConfig(StageConfig):
@@ -82,6 +99,7 @@ class VAEPretrainConfig(StageConfig):
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     data: DataLoaderConfig = Field(default_factory=DataLoaderConfig)
     loss: VAELossConfig = Field(default_factory=VAELossConfig)
+    encode: VAEEncodeConfig = Field(default_factory=VAEEncodeConfig)
 
 
 # ---------------------------------------------------------------------------------------------- DiTs
@@ -277,6 +295,35 @@ class AccelerateConfig(StageConfig):
         return self
 
 
+# ---------------------------------------------------------------------------------------------- pipeline
+class PipelineStageEntry(Strict):
+    """How one stage runs inside a pipeline."""
+
+    config: str
+    enabled: bool = True
+    executor: Literal["inprocess", "subprocess", "docker", "kubernetes"] = "inprocess"
+    # `--set` overrides applied on top of the stage config.
+    set: list[str] = Field(default_factory=list)
+    # subprocess: processes for `accelerate launch` (1 = plain `python -m`), and its launcher config.
+    num_processes: PositiveInt = 1
+    accelerate_config: str | None = None
+    # docker/kubernetes: the stage image (default interiorfusion/<stage>:latest) and GPUs to request.
+    image: str | None = None
+    gpus: NonNegativeInt = 0
+    # Retries for infrastructure faults (never for user errors such as a bad config).
+    retries: NonNegativeInt = 2
+    retry_delay_seconds: NonNegativeFloat = 10.0
+
+
+class PipelineConfig(StageConfig):
+    kind: Literal["pipeline"] | None = None
+    name: str = Field(default="default", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    # Where stage outputs go; default `$INTERIORFUSION_ARTIFACT_ROOT` or the local state dir.
+    artifact_root: str | None = None
+    experiment: str = "interiorfusion"
+    stages: dict[str, PipelineStageEntry]
+
+
 CONFIG_KINDS: dict[str, type[StageConfig]] = {
     "vae_pretrain": VAEPretrainConfig,
     "dit_structure": DiTStructureConfig,
@@ -284,10 +331,12 @@ CONFIG_KINDS: dict[str, type[StageConfig]] = {
     "finetune_lora": FinetuneLoRAConfig,
     "rl_finetune": RLFinetuneConfig,
     "accelerate": AccelerateConfig,
+    "pipeline": PipelineConfig,
 }
 
 # Keys that tell a config's kind when it has no `kind:` line, checked in order.
 _KIND_SIGNATURES: list[tuple[str, tuple[str, ...]]] = [
+    ("pipeline", ("stages",)),
     ("accelerate", ("distributed_type",)),
     ("accelerate", ("deepspeed_config",)),
     ("accelerate", ("deep_speed_config",)),

@@ -1,0 +1,1 @@
+"""InteriorFusion stage 1: the SLAT-Interior sparse VAE."""

@@ -1,0 +1,127 @@
+"""The VAE's losses, weighted by the config's `loss:` section.
+
+    reconstruction      L1 on shape (occupancy probability of every decoded candidate vs the truth) + L1 on
+                        material (albedo, metallic, roughness, normal of the true voxels)
+    kl_divergence       KL(q(z|x) ‖ N(0, I)); the seed sums it, which makes its weight depend on scene size and
+                        batch, so `kl_reduction: mean` (per latent element, the default) or `sum` (per sample,
+                        the seed's formula) is a config choice
+    depth_consistency   L1 between the decoded surface's soft-rendered depth and the sample's true depth
+    normal_consistency  1 − cos between rendered decoded normals and the true normal map
+    edge_preservation   L1 between Sobel edge maps of rendered and true depth (in the seed's config, missing
+                        from its code)
+    pruning             BCE of every early-pruning head against the encoder's own subdivision
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from interiorfusion_core.sparse import SparseTensor
+from interiorfusion_vae.model import DecoderOutput, child_targets, lookup_rows
+from interiorfusion_vae.render import sobel_edges, soft_render
+
+
+@dataclass
+class VAETargets:
+    """The true scene, aligned to what the decoder produced."""
+
+    occupancy: torch.Tensor  # [V] float: is each decoded candidate voxel a true surface voxel?
+    material_rows: torch.Tensor  # [V] row of each candidate in the true voxels (-1: not a true voxel)
+
+
+def align_targets(out: DecoderOutput, truth: SparseTensor) -> VAETargets:
+    rows = lookup_rows(out.voxels.coords, truth.coords)
+    return VAETargets((rows >= 0).to(out.occupancy_logits.dtype), rows)
+
+
+def kl_divergence(mu: torch.Tensor, logvar: torch.Tensor, batch_index: torch.Tensor, batch_size: int,
+                  reduction: str) -> torch.Tensor:
+    per_elem = -0.5 * (1 + logvar - mu.pow(2) - logvar.exp())
+    if reduction == "mean":
+        return per_elem.mean()
+    per_sample = torch.zeros(batch_size, dtype=per_elem.dtype, device=per_elem.device)
+    per_sample.index_add_(0, batch_index, per_elem.sum(1))
+    return per_sample.mean()
+
+
+def pruning_bce(out: DecoderOutput, structure: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """Mean BCE over every pruning head except the last (the last one's targets are the occupancy itself,
+    which the reconstruction term covers)."""
+    terms = []
+    for parents, logits, (truth_coords, truth_mask) in zip(out.parents[:-1], out.child_logits[:-1], structure[:-1],
+                                                          strict=True):
+        target = child_targets(parents, truth_coords, truth_mask).to(logits.dtype)
+        terms.append(F.binary_cross_entropy_with_logits(logits, target))
+    return torch.stack(terms).mean() if terms else out.occupancy_logits.sum() * 0
+
+
+def voxel_centres(coords: torch.Tensor, origin: torch.Tensor, voxel_size: torch.Tensor) -> torch.Tensor:
+    """World positions of [b, x, y, z] voxel centres given each sample's grid origin (B, 3) and size (B,)."""
+    b = coords[:, 0].long()
+    return origin[b] + (coords[:, 1:].to(origin.dtype) + 0.5) * voxel_size[b, None]
+
+
+def render_terms(out: DecoderOutput, batch: dict[str, Any], max_views: int) -> dict[str, torch.Tensor]:
+    """Depth, normal and edge consistency of the decoded surface against every (up to max_views) view."""
+    probs = torch.sigmoid(out.occupancy_logits)
+    centres = voxel_centres(out.voxels.coords, batch["origin"].to(probs.dtype), batch["voxel_size"].to(probs.dtype))
+    normals = out.material[:, 5:8]
+    depth_l, normal_l, edge_l = [], [], []
+    b_index = out.voxels.coords[:, 0]
+    depth_true_all = batch["depth"]
+    for b in range(depth_true_all.shape[0]):
+        sel = b_index == b
+        for v in range(min(depth_true_all.shape[1], max_views)):
+            true_depth = depth_true_all[b, v].to(probs.dtype)
+            h, w = true_depth.shape
+            r = soft_render(centres[sel], probs[sel], batch["intrinsics"][b, v], batch["cam_to_world"][b, v], h, w,
+                            float(batch["voxel_size"][b]), features=normals[sel])
+            valid = true_depth > 0
+            if not bool(valid.any()):
+                continue
+            depth_l.append((r.depth - true_depth).abs()[valid].mean())
+            true_n = batch["normal"][b, v].to(probs.dtype).permute(1, 2, 0)
+            seen = valid & (r.alpha > 0.5)
+            if bool(seen.any()):
+                cos = F.cosine_similarity(r.features[seen], true_n[seen], dim=-1, eps=1e-6)
+                normal_l.append(1 - cos.mean())
+            edge_l.append((sobel_edges(r.depth * valid) - sobel_edges(true_depth * valid)).abs()[valid].mean())
+    zero = probs.sum() * 0
+    mean = lambda xs: torch.stack(xs).mean() if xs else zero  # noqa: E731
+    return {"depth": mean(depth_l), "normal": mean(normal_l), "edge": mean(edge_l)}
+
+
+def vae_losses(
+    enc: dict[str, Any],
+    out: DecoderOutput,
+    truth: SparseTensor,
+    true_material: torch.Tensor,
+    batch: dict[str, Any],
+    loss_cfg: Any,
+    kl_reduction: str,
+    render_views: int,
+) -> dict[str, torch.Tensor]:
+    targets = align_targets(out, truth)
+    shape_l1 = (torch.sigmoid(out.occupancy_logits) - targets.occupancy).abs().mean()
+    hit = targets.material_rows >= 0
+    material_l1 = (out.material[hit] - true_material[targets.material_rows[hit]]).abs().mean()
+    mu, logvar = enc["mu"], enc["logvar"]
+    kl = kl_divergence(mu.feats, logvar.feats, mu.coords[:, 0].long(), mu.batch_size, kl_reduction)
+    prune = pruning_bce(out, enc["structure"])
+    # BCE on the final occupancy too: L1 alone has vanishing gradients for confident mistakes.
+    occ_bce = F.binary_cross_entropy_with_logits(out.occupancy_logits, targets.occupancy)
+    terms = {
+        "reconstruction": shape_l1 + material_l1,
+        "kl_divergence": kl,
+        "pruning": prune + occ_bce,
+    }
+    if render_views > 0 and "depth" in batch:
+        rendered = render_terms(out, batch, render_views)
+        terms |= {"depth_consistency": rendered["depth"], "normal_consistency": rendered["normal"],
+                  "edge_preservation": rendered["edge"]}
+    total = sum(getattr(loss_cfg, name).weight * value for name, value in terms.items())
+    return {"loss": total, **terms, "shape_l1": shape_l1.detach(), "material_l1": material_l1.detach()}

@@ -1,0 +1,104 @@
+"""The VAE as a training-engine task: model, data per curriculum phase, losses."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from interiorfusion_core.config.base import CurriculumPhase
+from interiorfusion_core.config.schemas import VAEPretrainConfig
+from interiorfusion_core.engine import TrainTask, register_model_builder
+from interiorfusion_core.sparse import SparseTensor
+from interiorfusion_data.loader import SceneLoader, open_dataset
+from interiorfusion_vae.losses import vae_losses
+from interiorfusion_vae.model import SLATInteriorVAE
+
+FIELDS = ("voxels", "views")
+
+
+def build_vae(config: VAEPretrainConfig) -> SLATInteriorVAE:
+    m = config.model
+    backend = None if m.sparse_backend == "auto" else m.sparse_backend
+    return SLATInteriorVAE(m.latent_dim, list(m.channels), m.blocks_per_level, backend)
+
+
+register_model_builder("vae_pretrain", build_vae)
+
+
+def sparse_batch(batch: Mapping[str, Any], dtype: torch.dtype | None = None) -> tuple[SparseTensor, torch.Tensor]:
+    """The collated scene batch as a sparse occupancy tensor at its resolution and its [N, 8] materials."""
+    coords = batch["coords"].long()
+    feats = batch["feats"]
+    if dtype is not None:
+        feats = feats.to(dtype)
+    res = int(batch["resolution"])
+    occ = SparseTensor(coords, feats.new_ones(len(coords), 1), res, batch_size=len(batch["num_voxels"]))
+    return occ, feats
+
+
+def mean_material(data_uri: str, resolution: int, samples: int = 16) -> torch.Tensor:
+    """Mean per-voxel material over the first training samples (the prior the material head starts from)."""
+    dataset = open_dataset(data_uri, "train")
+    feats = [torch.from_numpy(dataset.get(i, resolution, fields=("voxels",))["feats"]).float()
+             for i in range(min(len(dataset), samples))]
+    return torch.cat(feats).mean(0) if feats else torch.full((8,), 0.5)
+
+
+class VAETask(TrainTask):
+    unit_name = "voxels"
+
+    def __init__(self, config: VAEPretrainConfig, data_uri: str):
+        self.config = config
+        self.data_uri = data_uri
+        self.resolution = config.model.base_resolution
+
+    def build_model(self, config: Any) -> nn.Module:
+        model = build_vae(config)
+        model.set_material_prior(mean_material(self.data_uri, config.model.base_resolution))
+        return model
+
+    def _loader(self, split: str, resolution: int, rank: int, world_size: int, seed: int,
+                shuffle: bool = True) -> SceneLoader:
+        views = self.config.loss.render_views
+        return SceneLoader(
+            open_dataset(self.data_uri, split), self.config.training.batch_size, resolution=resolution,
+            fields=FIELDS if views else ("voxels",), views=views or None, random_views=shuffle, shuffle=shuffle,
+            seed=seed, rank=rank, world_size=world_size, num_workers=self.config.data.num_workers,
+            pin_memory=self.config.data.pin_memory, max_corrupt_fraction=self.config.data.max_corrupt_fraction,
+        )
+
+    def make_loader(self, phase: CurriculumPhase | None, rank: int, world_size: int, seed: int) -> SceneLoader:
+        resolution = phase.resolution if phase is not None else self.config.model.base_resolution
+        return self._loader("train", resolution, rank, world_size, seed)
+
+    def on_phase(self, phase: CurriculumPhase | None, model: nn.Module) -> None:
+        self.resolution = phase.resolution if phase is not None else self.config.model.base_resolution
+
+    def val_batches(self, rank: int, world_size: int) -> Iterable[Any] | None:
+        dataset = open_dataset(self.data_uri, self.config.encode.eval_split)
+        if len(dataset) == 0:
+            return None
+        return self._loader(self.config.encode.eval_split, self.resolution, rank, world_size, seed=0, shuffle=False)
+
+    def compute_losses(self, model: nn.Module, batch: Any) -> Mapping[str, torch.Tensor]:
+        occ, material = sparse_batch(batch)
+        enc, out = model(occ, material)
+        return vae_losses(enc, out, occ, material, batch, self.config.loss, self.config.loss.kl_reduction,
+                          self.config.loss.render_views)
+
+    def count_units(self, batch: Any) -> int:
+        return int(batch["coords"].shape[0])
+
+    def batch_size_of(self, batch: Any) -> int:
+        return len(batch["num_voxels"])
+
+    def to_device(self, batch: Any, device: torch.device, dtype: torch.dtype | None = None) -> Any:
+        moved = dict(batch)
+        for key, value in batch.items():
+            if isinstance(value, torch.Tensor):
+                keep_int = not value.is_floating_point()
+                moved[key] = value.to(device) if keep_int or dtype is None else value.to(device, dtype)
+        return moved

@@ -1,0 +1,113 @@
+"""Artifact store over file:// and a real S3 server (rclone serve s3 on 127.0.0.1)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import pytest
+
+from interiorfusion_core.errors import ChecksumError, StorageError
+from interiorfusion_core.storage import LocalStore, S3Store, open_store, validate_key
+
+
+@pytest.mark.parametrize("key", ["", "/abs", "a//b", "a/../b", "./a", "a/", "..", "a\\b"])
+def test_bad_keys_are_refused(key: str) -> None:
+    with pytest.raises(StorageError, match="invalid artifact key"):
+        validate_key(key)
+
+
+def test_uri_parsing(tmp_path: Path) -> None:
+    assert isinstance(open_store(tmp_path.as_uri()), LocalStore)
+    assert isinstance(open_store(str(tmp_path)), LocalStore)
+    s3 = open_store("s3://bucket/some/prefix")
+    assert isinstance(s3, S3Store) and s3.bucket == "bucket" and s3.prefix == "some/prefix"
+    with pytest.raises(StorageError, match="unsupported URI scheme 'gs'"):
+        open_store("gs://bucket/x")
+
+
+def _exercise(store) -> None:
+    info = store.put_bytes("a/b/c.bin", b"hello")
+    assert info.sha256 == hashlib.sha256(b"hello").hexdigest() and info.size == 5
+    assert store.get_bytes("a/b/c.bin", info.sha256) == b"hello"
+    assert store.exists("a/b/c.bin") and not store.exists("a/b/missing")
+    store.put_json("a/x.json", {"k": 1})
+    assert store.get_json("a/x.json") == {"k": 1}
+    assert list(store.list("a")) == ["a/b/c.bin", "a/x.json"]
+    child = store.child("a")
+    assert child.get_bytes("b/c.bin") == b"hello"
+    assert store.stat("a/b/c.bin").sha256 == info.sha256
+    with pytest.raises(ChecksumError, match="a/b/c.bin"):
+        store.get_bytes("a/b/c.bin", "0" * 64)
+    with pytest.raises(StorageError, match="no such artifact"):
+        store.get_bytes("nope")
+    store.delete_prefix("a")
+    assert list(store.list()) == []
+
+
+def test_local_store(tmp_path: Path) -> None:
+    _exercise(LocalStore(tmp_path / "store"))
+
+
+def test_local_store_never_leaves_partial_files(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path)
+
+    def broken():
+        yield b"part"
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(StorageError, match="write failed"):
+        store._publish("x.bin", broken)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.servers
+def test_s3_store(s3_env: str) -> None:
+    _exercise(open_store(s3_env))
+
+
+@pytest.mark.servers
+def test_s3_corrupted_object_names_the_key(s3_env: str, s3_server) -> None:
+    store = open_store(s3_env)
+    info = store.put_bytes("shards/shard-000000.tar", os.urandom(4096))
+    # Flip a bit on the server's disk behind its back, keeping the modification time (silent bit rot).
+    path = s3_server.root / s3_server.bucket / store.prefix / "shards/shard-000000.tar"
+    before = path.stat()
+    data = bytearray(path.read_bytes())
+    data[100] ^= 0xFF
+    path.write_bytes(bytes(data))
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    with pytest.raises(ChecksumError, match=r"checksum mismatch for 'shards/shard-000000\.tar'"):
+        store.get_bytes("shards/shard-000000.tar", info.sha256)
+    # Without a manifest's sha256 the object's own recorded sha256 (metadata) still catches it.
+    with pytest.raises(ChecksumError):
+        store.get_bytes("shards/shard-000000.tar")
+    with pytest.raises(ChecksumError):
+        store.get_file("shards/shard-000000.tar", s3_server.root.parent / "dl.bin")
+    assert not (s3_server.root.parent / "dl.bin").exists()
+
+
+@pytest.mark.servers
+def test_s3_missing_bucket_is_one_sentence(s3_env: str) -> None:
+    with pytest.raises(StorageError, match="does not exist|no such artifact|failed"):
+        open_store("s3://no-such-bucket-xyz/p").put_bytes("k", b"x")
+
+
+@pytest.mark.servers
+@pytest.mark.slow
+def test_s3_200mb_multipart_round_trip(s3_env: str, tmp_path: Path) -> None:
+    src = tmp_path / "big.bin"
+    block = os.urandom(1 << 20)
+    h = hashlib.sha256()
+    with open(src, "wb") as f:
+        for i in range(200):
+            chunk = block[i:] + block[:i]
+            h.update(chunk)
+            f.write(chunk)
+    store = open_store(s3_env)
+    info = store.put_file("big/blob.bin", src)
+    assert info.size == 200 << 20 and info.sha256 == h.hexdigest()
+    dest = store.get_file("big/blob.bin", tmp_path / "back.bin", info.sha256)
+    assert dest.stat().st_size == 200 << 20
+    assert store.stat("big/blob.bin").sha256 == h.hexdigest()
