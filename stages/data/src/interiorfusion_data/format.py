@@ -176,8 +176,26 @@ def voxels_at(members: dict[str, bytes], meta: dict[str, Any], resolution: int) 
     return coords.astype(np.int32), attrs
 
 
+def pick_views(total: int, views: list[int] | int | None, view_seed: tuple[int, ...] | None = None) -> list[int]:
+    """Which views to decode: all (None), the listed ones, or K of them — the first K, or K drawn from
+    `view_seed` (deterministic). Scans can hold fewer views than asked for: then all of them."""
+    if views is None:
+        return list(range(total))
+    if isinstance(views, int):
+        k = min(views, total)
+        if view_seed is None:
+            return list(range(k))
+        rng = np.random.default_rng(np.random.SeedSequence(list(view_seed)))
+        return sorted(rng.choice(total, size=k, replace=False).tolist())
+    bad = [i for i in views if not 0 <= i < total]
+    if bad:
+        raise SampleError(f"views {bad} requested but the sample has {total}")
+    return list(views)
+
+
 def decode_sample(members: dict[str, bytes], resolution: int | None = None, fields: tuple[str, ...] = (
-        "voxels", "views", "layout"), views: list[int] | None = None) -> dict[str, Any]:
+        "voxels", "views", "layout"), views: list[int] | int | None = None,
+        view_seed: tuple[int, ...] | None = None) -> dict[str, Any]:
     """Decode the members of one sample into numpy arrays and dicts.
 
     Returns `key`, `meta`, and per field: voxels → `coords` (M, 3) int32, `feats` (M, 8) float32, `resolution`,
@@ -196,7 +214,7 @@ def decode_sample(members: dict[str, bytes], resolution: int | None = None, fiel
         out.update(coords=coords, feats=feats, resolution=res, origin=np.asarray(meta["origin"], np.float32),
                    voxel_size=np.float32(meta["cube_size"] / res))
     if "views" in fields and meta.get("views"):
-        idx = list(range(meta["views"])) if views is None else views
+        idx = pick_views(int(meta["views"]), views, view_seed)
         K = load_npy(_member(members, "cam.intrinsics.npy"))
         P = load_npy(_member(members, "cam.poses.npy"))
         maps: dict[str, list[np.ndarray]] = {m: [] for m in MAP_NAMES}

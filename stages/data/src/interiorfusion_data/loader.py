@@ -88,10 +88,12 @@ class SceneDataset:
         return sample_members(data, ref.key, ref.name)
 
     def get(self, i: int, resolution: int | None = None, fields: Sequence[str] = ALL_FIELDS,
-            views: list[int] | None = None) -> dict[str, Any]:
+            views: list[int] | int | None = None, view_seed: tuple[int, ...] | None = None) -> dict[str, Any]:
+        """Decoded sample i (see format.decode_sample); `views`: None (all), a list, or a count K (the first K,
+        or K drawn deterministically from `view_seed`)."""
         ref = self.refs[i]
         try:
-            return decode_sample(self.members(i), resolution, tuple(fields), views)
+            return decode_sample(self.members(i), resolution, tuple(fields), views, view_seed)
         except SampleError as exc:
             msg = str(exc)
             raise SampleError(msg if msg.startswith(ref.shard) else f"{ref.name}: {msg}") from None
@@ -191,16 +193,6 @@ class _BatchStream(IterableDataset):
         self.views = views
         self.view_seed = view_seed
 
-    def _views_for(self, pos: int) -> list[int] | None:
-        if self.views is None:
-            return None
-        total = int(self.dataset.info.get("views") or 0)
-        k = min(self.views, total)
-        if self.view_seed is None:
-            return list(range(k))
-        rng = np.random.default_rng(np.random.SeedSequence([*self.view_seed, pos]))
-        return sorted(rng.choice(total, size=k, replace=False).tolist())
-
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
         wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
@@ -211,7 +203,8 @@ class _BatchStream(IterableDataset):
             samples, corrupt = [], []
             for pos in span:
                 try:
-                    samples.append(self.dataset.get(pos, self.resolution, self.fields, self._views_for(pos)))
+                    seed = (*self.view_seed, pos) if self.view_seed is not None else None
+                    samples.append(self.dataset.get(pos, self.resolution, self.fields, self.views, seed))
                 except SampleError as exc:
                     log.warning("skipping corrupt sample %s", exc)
                     corrupt.append(str(exc))
