@@ -139,6 +139,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         results["loader"] = {"local": local, "s3": remote, "s3_over_local": remote["samples_per_s"] /
                              local["samples_per_s"]}
         assert open_store(str(out)).exists("dataset.json")
+    results["headline"] = {
+        "seconds_per_scene_per_core": round(results["pipeline"]["seconds_per_scene"], 3),
+        "loader_local_samples_per_s": round(local["steady_samples_per_s"], 2),
+        "loader_s3_samples_per_s": round(remote["steady_samples_per_s"], 2),
+        "s3_over_local": round(results["loader"]["s3_over_local"], 2),
+    }
 
     p = results["pipeline"]
     print(f"\nData pipeline ({args.scenes} scenes, {args.resolution}³ + 64³ occupancy, {args.views} views × "

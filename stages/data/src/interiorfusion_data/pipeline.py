@@ -10,6 +10,7 @@ import logging
 import math
 import multiprocessing
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -214,7 +215,21 @@ def build_samples(cfg: DataStageConfig, import_root: Path | None, indices: list[
     ctx = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(cfg.num_workers, mp_context=ctx, initializer=_init_worker,
                              initargs=(cfg.model_dump(mode="json"), str(import_root) if import_root else None)) as ex:
-        yield from ex.map(_build_in_worker, indices, chunksize=1)
+        # In order, with a bounded window: Executor.map would submit everything at once and could hold
+        # thousands of finished samples (tens of MB each at 1024³) in memory behind one slow scene.
+        window = 2 * cfg.num_workers
+        pending: deque = deque()
+        it = iter(indices)
+        for i in it:
+            pending.append(ex.submit(_build_in_worker, i))
+            if len(pending) >= window:
+                break
+        while pending:
+            sample = pending.popleft().result()
+            nxt = next(it, None)
+            if nxt is not None:
+                pending.append(ex.submit(_build_in_worker, nxt))
+            yield sample
 
 
 def write_dataset(

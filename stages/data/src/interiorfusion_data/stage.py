@@ -21,6 +21,9 @@ class DataStage(Stage):
 
     def run(self, ctx: StageContext) -> StageResult:
         cfg: DataStageConfig = ctx.config
+        if not ctx.is_main:
+            # One writer: scene building parallelises over `num_workers` processes, not over launcher ranks.
+            return StageResult()
         step = {"n": 0}
 
         def on_shard(plan: ShardPlan, idx: dict[str, Any], stats: dict[str, float]) -> None:
