@@ -128,7 +128,7 @@ def rclone_s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, st
     (root / bucket).mkdir()
     port = _free_port()
     key, secret = "datakey", "datasecret"
-    log = open(root.parent / f"rclone-{port}.log", "wb")  # noqa: SIM115 (kept open for the server's life)
+    log = open(root.parent / f"rclone-{port}.log", "wb")
     proc = subprocess.Popen(
         [str(Path(sys.executable).parent / "rclone"), "serve", "s3", str(root), "--addr", f"127.0.0.1:{port}",
          "--auth-key", f"{key},{secret}", "--vfs-cache-mode", "off"],
