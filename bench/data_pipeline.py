@@ -1,0 +1,170 @@
+"""Data pipeline benchmark: seconds per scene per core, and loader throughput from S3 vs local disk.
+
+    python bench/data_pipeline.py [--scenes 4] [--resolution 256] [--image-size 256] [--views 4] [--json out.json]
+
+Part 1 builds `--scenes` procedural scenes in one process (one core): generate, voxelise at `--resolution`
+(plus a 64³ level), render `--views` views of every map at `--image-size`, encode, write the shard; the target
+is ≤ 2 s per scene per core at 256³ / 4 × 256 px. Part 2 streams the written dataset with SceneLoader
+(`--workers` DataLoader workers) from the local directory and from an S3 server (`rclone serve s3` on
+127.0.0.1, started here over a copy of the dataset), in the same run, and prints samples/s for both.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from interiorfusion_core.storage import LocalStore, open_store
+from interiorfusion_data.config import DataStageConfig
+from interiorfusion_data.loader import SceneLoader, open_dataset
+from interiorfusion_data.pipeline import write_dataset
+
+
+def start_rclone(root: Path) -> tuple[subprocess.Popen, dict[str, str]]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    rclone = shutil.which("rclone") or str(Path(sys.executable).parent / "rclone")
+    proc = subprocess.Popen(
+        [rclone, "serve", "s3", str(root), "--addr", f"127.0.0.1:{port}", "--auth-key", "bench,bench-secret",
+         "--vfs-cache-mode", "off"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    endpoint = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            urllib.request.urlopen(endpoint, timeout=2).read()
+            break
+        except urllib.error.HTTPError:
+            break
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("rclone serve s3 did not start") from None
+            time.sleep(0.2)
+    env = {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench-secret",
+           "AWS_DEFAULT_REGION": "us-east-1"}
+    return proc, env
+
+
+def loader_rate(uri: str, workers: int, epochs: int, resolution: int, batch: int) -> dict[str, float]:
+    ds = open_dataset(uri, "train", require_manifest=False)
+    # Every field (occupancy at `resolution`, all view maps, layout), as a conditioning-stage would read them.
+    loader = SceneLoader(ds, batch, resolution=resolution, num_workers=workers, seed=0)
+    n, steady_n, steady_t = 0, 0, 0.0
+    t0 = time.perf_counter()
+    for epoch in range(epochs):
+        loader.set_epoch(epoch)
+        t_first = None
+        for b in loader:
+            n += len(b["keys"])
+            if t_first is None:
+                t_first = time.perf_counter()  # workers are up: steady state starts after the first batch
+            else:
+                steady_n += len(b["keys"])
+        steady_t += time.perf_counter() - (t_first or time.perf_counter())
+    dt = time.perf_counter() - t0
+    return {"samples": n, "seconds": dt, "samples_per_s": n / dt,
+            "steady_samples_per_s": steady_n / steady_t if steady_t else float("nan"),
+            "corrupt": loader.metrics()["data/corrupt_samples"]}
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--scenes", type=int, default=8)
+    ap.add_argument("--resolution", type=int, default=256)
+    ap.add_argument("--image-size", type=int, default=256)
+    ap.add_argument("--views", type=int, default=4)
+    ap.add_argument("--workers", type=int, default=2, help="DataLoader workers for the loader part")
+    ap.add_argument("--epochs", type=int, default=2, help="passes over the data in the loader part")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", type=Path, default=None, help="also write the results here")
+    args = ap.parse_args(argv)
+
+    cfg = DataStageConfig.model_validate({
+        "seed": args.seed, "num_scenes": args.scenes,
+        "voxel": {"resolutions": sorted({64, args.resolution})},
+        "render": {"views": args.views, "image_size": args.image_size},
+        "splits": {"train": 1.0, "val": 0.0, "test": 0.0}, "shards": {"samples_per_shard": 2},
+        "num_workers": 0, "preview_samples": 0,
+    })
+    results: dict[str, Any] = {"config": {k: v for k, v in vars(args).items() if k != "json"},
+                               "cpu_count": os.cpu_count()}
+    with tempfile.TemporaryDirectory(prefix="bench-data-") as tmp:
+        work = Path(tmp)
+        out = work / "s3root" / "bench" / "ds"
+        t0 = time.perf_counter()
+        summary = write_dataset(LocalStore(out), cfg, work)
+        wall = time.perf_counter() - t0
+        per_scene = wall / args.scenes
+        t = summary.timings
+        phases = {"generate": t.get("t_generate", 0.0), "voxelize": t.get("t_voxelize", 0.0),
+                  "render": t.get("t_render", 0.0), "encode": t.get("t_encode", 0.0)}
+        phases["write+other"] = max(per_scene - sum(phases.values()), 0.0)
+        results["pipeline"] = {"seconds_per_scene": per_scene, "phases": phases, "target_s": 2.0,
+                               "voxels": summary.metrics.get(f"mean_voxels_{args.resolution}"),
+                               "bytes_per_sample": summary.metrics.get("mean_bytes")}
+
+        local = loader_rate(str(out), args.workers, args.epochs, args.resolution, 2)
+        proc, env = start_rclone(work / "s3root")
+        saved = {k: os.environ.get(k) for k in env}
+        try:
+            os.environ.update(env)
+            from interiorfusion_core import storage
+
+            storage._S3_CLIENTS.clear()
+            remote = loader_rate("s3://bench/ds", args.workers, args.epochs, args.resolution, 2)
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(10)
+        results["loader"] = {"local": local, "s3": remote, "s3_over_local": remote["samples_per_s"] /
+                             local["samples_per_s"]}
+        assert open_store(str(out)).exists("dataset.json")
+    results["headline"] = {
+        "seconds_per_scene_per_core": round(results["pipeline"]["seconds_per_scene"], 3),
+        "loader_local_samples_per_s": round(local["steady_samples_per_s"], 2),
+        "loader_s3_samples_per_s": round(remote["steady_samples_per_s"], 2),
+        "s3_over_local": round(results["loader"]["s3_over_local"], 2),
+    }
+
+    p = results["pipeline"]
+    print(f"\nData pipeline ({args.scenes} scenes, {args.resolution}³ + 64³ occupancy, {args.views} views × "
+          f"{args.image_size} px, 1 process)")
+    print(f"{'phase':<14}{'s/scene':>10}")
+    for k, v in p["phases"].items():
+        print(f"{k:<14}{v:>10.3f}")
+    print(f"{'total':<14}{p['seconds_per_scene']:>10.3f}   target ≤ {p['target_s']:.1f} s/scene/core "
+          f"({'met' if p['seconds_per_scene'] <= p['target_s'] else 'MISSED'})")
+    print(f"\nLoader ({args.workers} workers, batch 2, {args.resolution}³ voxels + all maps, {args.epochs} epochs)")
+    print(f"{'source':<8}{'samples':>9}{'seconds':>10}{'samples/s':>11}{'steady/s':>10}")
+    for name in ("local", "s3"):
+        r = results["loader"][name]
+        print(f"{name:<8}{r['samples']:>9}{r['seconds']:>10.2f}{r['samples_per_s']:>11.2f}"
+              f"{r['steady_samples_per_s']:>10.2f}")
+    print(f"S3 / local: {results['loader']['s3_over_local']:.2f}")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,513 @@
+"""Importers for real data ("InteriorFusion-Real"): a folder of meshes, ScanNet scenes, 3D-FRONT houses.
+
+Each importer lists its scenes (`items()`, sorted, so the dataset order is stable) and turns one into a Scene
+(`load(item)`): z-up metres with per-face class, instance and material, oriented boxes and, where the source
+has them, walls/doors/windows and cameras.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import trimesh
+
+from interiorfusion_core.errors import UserError
+from interiorfusion_data.scene import (
+    CLASS_ID,
+    CLASSES,
+    Camera,
+    ObjectBox,
+    Opening,
+    Scene,
+    SceneBuilder,
+    Wall,
+)
+
+MESH_EXTS = (".ply", ".obj", ".glb", ".gltf", ".off", ".stl")
+DEFAULT_ALBEDO = (0.7, 0.7, 0.7)
+
+# Label words → our classes, checked in order (first match wins): covers ScanNet raw categories, NYU40 names
+# and 3D-FRONT furniture categories.
+SYNONYMS: list[tuple[str, tuple[str, ...]]] = [
+    ("nightstand", ("nightstand", "night stand", "bedside")),
+    ("wardrobe", ("wardrobe", "closet", "armoire")),
+    ("shelf", ("bookshelf", "bookcase", "shelf", "shelves", "shelving")),
+    ("desk", ("desk",)),
+    ("cabinet", ("cabinet", "dresser", "drawer", "sideboard", "tv stand", "console", "cupboard", "chest")),
+    ("bed", ("bed",)),
+    ("sofa", ("sofa", "couch", "loveseat", "settee")),
+    ("chair", ("chair", "stool", "seat", "bench")),
+    ("table", ("table",)),
+    ("lamp", ("lamp", "light", "chandelier")),
+    ("plant", ("plant", "flower", "vase")),
+    ("tv", ("tv", "television", "monitor", "screen")),
+    ("picture", ("picture", "painting", "poster", "frame", "art")),
+    ("door", ("door",)),
+    ("window", ("window", "curtain", "blind")),
+    ("floor", ("floor", "rug", "carpet")),
+    ("ceiling", ("ceiling",)),
+    ("wall", ("wall", "column", "pillar")),
+]
+
+
+def map_label(text: str) -> str:
+    t = text.lower().replace("_", " ").replace("-", " ")
+    if t in CLASS_ID and t != "void":
+        return t
+    for cls, words in SYNONYMS:
+        if any(re.search(rf"\b{re.escape(w)}", t) for w in words):
+            return cls
+    return "other"
+
+
+def y_up_to_z_up(v: np.ndarray) -> np.ndarray:
+    return np.stack([v[:, 0], -v[:, 2], v[:, 1]], axis=1)
+
+
+def _face_colors(mesh: trimesh.Trimesh) -> np.ndarray:
+    """Per-face albedo in [0, 1] from vertex colours, face colours, a texture or the material's base colour."""
+    nf = len(mesh.faces)
+    visual = mesh.visual
+    try:
+        if visual.kind == "texture":
+            material = getattr(visual, "material", None)
+            if getattr(visual, "uv", None) is not None and _has_image(material):
+                visual = visual.to_color()
+            else:
+                base = _base_color(material)
+                return np.tile(np.asarray(base, np.float32), (nf, 1))
+        if visual.kind == "vertex":
+            vc = np.asarray(visual.vertex_colors, np.float32)[:, :3] / 255.0
+            return vc[mesh.faces].mean(axis=1)
+        if visual.kind == "face":
+            return np.asarray(visual.face_colors, np.float32)[:, :3] / 255.0
+    except Exception:
+        pass
+    return np.tile(np.asarray(DEFAULT_ALBEDO, np.float32), (nf, 1))
+
+
+def _has_image(material: Any) -> bool:
+    return material is not None and (getattr(material, "baseColorTexture", None) is not None
+                                     or getattr(material, "image", None) is not None)
+
+
+def _base_color(material: Any) -> tuple[float, float, float]:
+    for attr in ("baseColorFactor", "main_color", "diffuse"):
+        c = getattr(material, attr, None)
+        if c is not None:
+            c = np.asarray(c, np.float64)[:3]
+            return tuple((c / 255.0 if c.max() > 1.0 else c).tolist())
+    return DEFAULT_ALBEDO
+
+
+def _pbr(mesh: trimesh.Trimesh) -> tuple[float, float]:
+    material = getattr(mesh.visual, "material", None)
+    metallic = getattr(material, "metallicFactor", None)
+    rough = getattr(material, "roughnessFactor", None)
+    return (float(metallic) if metallic is not None else 0.0, float(rough) if rough is not None else 0.8)
+
+
+def load_meshes(path: Path) -> list[trimesh.Trimesh]:
+    """Every geometry of a mesh file with its scene-graph transform applied."""
+    try:
+        loaded = trimesh.load(str(path), process=False)
+    except Exception as exc:
+        raise UserError(f"{path}: trimesh cannot read this mesh ({type(exc).__name__}: {exc})") from None
+    if isinstance(loaded, trimesh.Scene):
+        meshes = []
+        for node in loaded.graph.nodes_geometry:
+            transform, name = loaded.graph[node]
+            geom = loaded.geometry[name]
+            if isinstance(geom, trimesh.Trimesh) and len(geom.faces):
+                g = geom.copy()
+                g.apply_transform(transform)
+                meshes.append(g)
+        return meshes
+    if isinstance(loaded, trimesh.Trimesh):
+        return [loaded] if len(loaded.faces) else []
+    raise UserError(f"{path}: holds no triangle mesh (got {type(loaded).__name__})")
+
+
+def _aabb_box(instance: int, label: str, v: np.ndarray) -> ObjectBox:
+    lo, hi = v.min(axis=0), v.max(axis=0)
+    return ObjectBox(instance, label, (lo + hi) / 2, hi - lo, 0.0)
+
+
+def _safe_key(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_-]+", "_", text).strip("_") or "scene"
+
+
+# ---------------------------------------------------------------------------------------------- meshes folder
+class MeshFolderImporter:
+    """`root/*.{ply,obj,glb,…}`: one scene per file; `root/NAME/*.{…}`: one scene per folder, one instance per
+    file. The class comes from the file name (`chair_02.obj` → chair) or is 'other'."""
+
+    def __init__(self, root: Path, up_axis: str = "z", scale: float = 1.0):
+        self.root, self.up_axis, self.scale = Path(root), up_axis, scale
+
+    def items(self) -> list[Path]:
+        if not self.root.is_dir():
+            raise UserError(f"{self.root}: not a directory of meshes")
+        files = [p for p in self.root.iterdir() if p.is_file() and p.suffix.lower() in MESH_EXTS]
+        dirs = [p for p in self.root.iterdir() if p.is_dir() and any(
+            q.suffix.lower() in MESH_EXTS for q in p.iterdir() if q.is_file())]
+        found = sorted(files + dirs)
+        if not found:
+            raise UserError(f"{self.root}: no mesh files ({', '.join(MESH_EXTS)}) or folders of them")
+        return found
+
+    def load(self, item: Path) -> Scene:
+        files = sorted(q for q in item.iterdir() if q.suffix.lower() in MESH_EXTS) if item.is_dir() else [item]
+        sb = SceneBuilder(_safe_key(item.stem if item.is_file() else item.name))
+        objects = []
+        for f in files:
+            label = map_label(f.stem.split("_")[0]) if item.is_dir() else map_label(f.stem)
+            inst = sb.new_instance()
+            verts_all = []
+            for mesh in load_meshes(f):
+                v = np.asarray(mesh.vertices, np.float64) * self.scale
+                if self.up_axis == "y":
+                    v = y_up_to_z_up(v)
+                metallic, rough = _pbr(mesh)
+                mat = np.concatenate([_face_colors(mesh), np.tile([[metallic, rough]], (len(mesh.faces), 1))], axis=1)
+                sb.add(v, np.asarray(mesh.faces), label, inst, mat)
+                verts_all.append(v)
+            if verts_all and label not in ("wall", "floor", "ceiling"):
+                objects.append(_aabb_box(inst, label, np.concatenate(verts_all)))
+        return sb.build(objects=objects, meta={"source": "meshes", "file": item.name})
+
+
+# ---------------------------------------------------------------------------------------------- ScanNet
+class ScanNetImporter:
+    """ScanNet layout: `SCENE/SCENE_vh_clean_2.ply`, `SCENE/SCENE.aggregation.json` (or `_vh_clean.aggregation.json`),
+    `SCENE/SCENE_vh_clean_2.0.010000.segs.json`, optional `SCENE/SCENE.txt` (axisAlignment, image sizes),
+    camera poses `SCENE/pose/*.txt` (4×4 camera-to-world) and intrinsics `SCENE/intrinsic/intrinsic_color.txt`."""
+
+    def __init__(self, root: Path, views: int = 4, image_size: int = 64):
+        self.root, self.views, self.image_size = Path(root), views, image_size
+
+    def items(self) -> list[Path]:
+        if not self.root.is_dir():
+            raise UserError(f"{self.root}: not a directory of ScanNet scenes")
+        found = sorted({p.parent for p in self.root.rglob("*_vh_clean_2.ply")})
+        if not found:
+            raise UserError(f"{self.root}: no ScanNet scenes (*_vh_clean_2.ply) found")
+        return found
+
+    def load(self, item: Path) -> Scene:
+        name = item.name
+        ply = next(iter(sorted(item.glob("*_vh_clean_2.ply"))))
+        try:
+            mesh = trimesh.load(str(ply), process=False)
+        except Exception as exc:
+            raise UserError(f"{ply}: cannot read ({type(exc).__name__}: {exc})") from None
+        v = np.asarray(mesh.vertices, np.float64)
+        faces = np.asarray(mesh.faces, np.int64)
+        meta = _scannet_meta(item / f"{name}.txt")
+        align = np.asarray(meta.get("axisAlignment", np.eye(4).ravel()), np.float64).reshape(4, 4)
+        v = v @ align[:3, :3].T + align[:3, 3]
+        colors = _face_colors(mesh)
+        seg_file = next(iter(sorted(item.glob("*_vh_clean_2*.segs.json"))), None)
+        agg_file = next(iter(sorted(item.glob("*.aggregation.json"))), None)
+        vert_obj = np.full(len(v), -1, np.int64)
+        labels: dict[int, str] = {}
+        if seg_file is not None and agg_file is not None:
+            segs = np.asarray(_read_json(seg_file)["segIndices"], np.int64)
+            if len(segs) != len(v):
+                raise UserError(f"{seg_file}: has {len(segs)} segment indices for {len(v)} vertices")
+            seg_to_obj: dict[int, int] = {}
+            for group in _read_json(agg_file).get("segGroups", []):
+                oid = int(group.get("objectId", group.get("id", 0)))
+                labels[oid] = map_label(str(group.get("label", "other")))
+                for s in group.get("segments", []):
+                    seg_to_obj[int(s)] = oid
+            lut_keys = np.array(list(seg_to_obj), np.int64)
+            lut_vals = np.array(list(seg_to_obj.values()), np.int64)
+            order = np.argsort(lut_keys)
+            lut_keys, lut_vals = lut_keys[order], lut_vals[order]
+            pos = np.clip(np.searchsorted(lut_keys, segs), 0, max(len(lut_keys) - 1, 0))
+            if len(lut_keys):
+                hit = lut_keys[pos] == segs
+                vert_obj[hit] = lut_vals[pos[hit]]
+        face_obj = vert_obj[faces[:, 0]]
+        sb = SceneBuilder(_safe_key(name))
+        inst_of = {oid: sb.new_instance() for oid in sorted(labels)}
+        objects = []
+        # One part per object (and one for unlabelled faces) keeps faces grouped by instance.
+        for oid in [-1, *sorted(labels)]:
+            sel = np.flatnonzero(face_obj == oid)
+            if not len(sel):
+                continue
+            label = labels.get(oid, "other")
+            inst = inst_of.get(oid, 0)
+            mat = np.concatenate([colors[sel], np.tile([[0.0, 0.8]], (len(sel), 1))], axis=1)
+            used, remap = np.unique(faces[sel], return_inverse=True)
+            sb.add(v[used], remap.reshape(-1, 3), label, inst, mat)
+            if inst and label not in ("wall", "floor", "ceiling", "other"):
+                objects.append(_aabb_box(inst, label, v[used]))
+        cameras = _scannet_cameras(item, meta, align, self.views, self.image_size)
+        return sb.build(objects=objects, cameras=cameras or None, meta={"source": "scannet", "scan": name})
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{path}: not readable JSON ({exc})") from None
+
+
+def _scannet_meta(path: Path) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if not path.is_file():
+        return out
+    for line in path.read_text().splitlines():
+        key, sep, value = line.partition("=")
+        if not sep:
+            continue
+        key, value = key.strip(), value.strip()
+        try:
+            nums = [float(x) for x in value.split()]
+        except ValueError:
+            continue
+        out[key] = nums if len(nums) > 1 else nums[0]
+    return out
+
+
+def _scannet_cameras(item: Path, meta: dict[str, Any], align: np.ndarray, views: int, size: int) -> list[Camera]:
+    poses = sorted((item / "pose").glob("*.txt"), key=lambda p: (len(p.stem), p.stem))
+    if not poses or views == 0:
+        return []
+    intr_file = item / "intrinsic" / "intrinsic_color.txt"
+    if intr_file.is_file():
+        K = np.loadtxt(intr_file)[:3, :3]
+        width, height = int(meta.get("colorWidth", 1296)), int(meta.get("colorHeight", 968))
+    elif "fx_color" in meta:
+        K = np.array([[meta["fx_color"], 0, meta["mx_color"]], [0, meta["fy_color"], meta["my_color"]], [0, 0, 1]])
+        width, height = int(meta.get("colorWidth", 1296)), int(meta.get("colorHeight", 968))
+    else:
+        raise UserError(f"{item}: pose files but no intrinsic/intrinsic_color.txt or fx_color in {item.name}.txt")
+    valid = []
+    for p in poses:
+        m = np.loadtxt(p).reshape(4, 4)
+        if np.isfinite(m).all():
+            valid.append(align @ m)
+    if not valid:
+        return []
+    pick = np.unique(np.linspace(0, len(valid) - 1, min(views, len(valid))).round().astype(int))
+    # Square renders: scale so the image height maps to `size`, then crop the width around the centre.
+    s = size / height
+    cams = []
+    for i in pick:
+        Ks = K.copy()
+        Ks[:2] *= s
+        Ks[0, 2] -= (width * s - size) / 2
+        cams.append(Camera(Ks, valid[i], size, size))
+    return cams
+
+
+# ---------------------------------------------------------------------------------------------- 3D-FRONT
+FRONT_TYPES = {"floor": "floor", "ceiling": "ceiling", "wallinner": "wall", "door": "door", "window": "window",
+               "baseboard": "wall", "front": "wall", "back": "wall", "walltop": None, "wallouter": None,
+               "wallbottom": None, "slabside": None, "slabtop": None, "slabbottom": None, "pocket": "wall",
+               "customizedceiling": "ceiling", "customizedplatform": "floor"}
+
+
+def _quat_matrix(q: list[float]) -> np.ndarray:
+    x, y, z, w = (float(c) for c in q)
+    n = math.sqrt(x * x + y * y + z * z + w * w) or 1.0
+    x, y, z, w = x / n, y / n, z / n, w / n
+    return np.array([
+        [1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w)],
+        [2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w)],
+        [2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y)],
+    ])
+
+
+class Front3DImporter:
+    """3D-FRONT houses (`*.json`): layout meshes inline (`mesh[]` with `type`, `xyz`, `faces`), furniture by
+    reference (`furniture[]` with `jid` → `{model_dir}/{jid}/raw_model.obj`), placed by `scene.room[].children[]`
+    (`ref`, `pos`, `rot` quaternion xyzw, `scale`). One scene per room. The files are y-up; scenes are z-up."""
+
+    def __init__(self, root: Path, model_dir: Path | None = None):
+        self.root = Path(root)
+        self.model_dir = Path(model_dir) if model_dir else self.root / "3D-FUTURE-model"
+
+    def items(self) -> list[tuple[Path, int]]:
+        if not self.root.is_dir():
+            raise UserError(f"{self.root}: not a directory of 3D-FRONT JSON files")
+        out = []
+        for f in sorted(self.root.glob("*.json")):
+            house = _read_json(f)
+            rooms = house.get("scene", {}).get("room", [])
+            out += [(f, i) for i, r in enumerate(rooms) if r.get("children")]
+        if not out:
+            raise UserError(f"{self.root}: no 3D-FRONT house JSON with rooms found")
+        return out
+
+    def load(self, item: tuple[Path, int]) -> Scene:
+        path, room_index = item
+        house = _read_json(path)
+        room = house["scene"]["room"][room_index]
+        meshes = {m["uid"]: m for m in house.get("mesh", [])}
+        furniture = {f["uid"]: f for f in house.get("furniture", [])}
+        colors = {m.get("uid"): m.get("color") for m in house.get("material", [])}
+        sb = SceneBuilder(_safe_key(f"{path.stem}-{room.get('instanceid', room_index)}"))
+        objects, wall_meshes, openings = [], [], []
+        model_cache: dict[str, list[trimesh.Trimesh]] = {}
+        for child in room.get("children", []):
+            ref = child.get("ref")
+            pos = np.asarray(child.get("pos", [0, 0, 0]), np.float64)
+            rot = _quat_matrix(child.get("rot", [0, 0, 0, 1]))
+            scale = np.asarray(child.get("scale", [1, 1, 1]), np.float64)
+            if ref in meshes:
+                m = meshes[ref]
+                label = FRONT_TYPES.get(str(m.get("type", "")).lower().replace(" ", ""), "wall")
+                if label is None:
+                    continue
+                v = np.asarray(m["xyz"], np.float64).reshape(-1, 3)
+                f = np.asarray(m["faces"], np.int64).reshape(-1, 3)
+                v = y_up_to_z_up((v * scale) @ rot.T + pos)
+                inst = sb.new_instance()
+                rgb = _front_color(colors.get(m.get("material")))
+                sb.add(v, f, label, inst, np.tile([*rgb, 0.0, 0.85], (len(f), 1)))
+                if label == "wall":
+                    wall_meshes.append((v, inst))
+                elif label in ("door", "window"):
+                    openings.append((label, v, inst))
+            elif ref in furniture:
+                fur = furniture[ref]
+                jid = str(fur.get("jid", ""))
+                label = map_label(str(fur.get("category") or fur.get("title") or "other"))
+                model = self.model_dir / jid / "raw_model.obj"
+                if jid not in model_cache:
+                    if not model.is_file():
+                        raise UserError(f"{path}: furniture '{jid}' has no model file {model}")
+                    model_cache[jid] = load_meshes(model)
+                inst = sb.new_instance()
+                local_all = []
+                for mesh in model_cache[jid]:
+                    lv = np.asarray(mesh.vertices, np.float64) * scale
+                    v = y_up_to_z_up(lv @ rot.T + pos)
+                    metallic, rough = _pbr(mesh)
+                    mat = np.concatenate([_face_colors(mesh), np.tile([[metallic, rough]], (len(mesh.faces), 1))], 1)
+                    sb.add(v, np.asarray(mesh.faces), label, inst, mat)
+                    local_all.append(lv)
+                if local_all:
+                    objects.append(_front_box(inst, label, np.concatenate(local_all), rot, pos))
+        walls = [_wall_from_mesh(v, inst) for v, inst in wall_meshes]
+        doors, windows = [], []
+        for label, v, inst in openings:
+            op = _opening(label, v, inst, walls)
+            if op is not None:
+                (doors if label == "door" else windows).append(op)
+        scene = sb.build(objects=objects, walls=walls, doors=doors, windows=windows,
+                         meta={"source": "front3d", "house": path.stem, "room": str(room.get("type", ""))})
+        floor = scene.faces[scene.face_class == CLASS_ID["floor"]]
+        if len(floor):
+            poly = floor_outline(scene.vertices[:, :2], floor)
+            if poly is not None:
+                scene.floor_polygon = poly
+                scene.meta["room_height"] = float(scene.vertices[:, 2].max() - scene.vertices[:, 2].min())
+        return scene
+
+
+def _front_color(color: Any) -> tuple[float, float, float]:
+    if not color:
+        return DEFAULT_ALBEDO
+    c = np.asarray(color, np.float64)[:3]
+    return tuple((c / 255.0 if c.max() > 1.0 else c).tolist())
+
+
+def _front_box(inst: int, label: str, local: np.ndarray, rot: np.ndarray, pos: np.ndarray) -> ObjectBox:
+    """The model's local bounding box, placed: 3D-FRONT rotates furniture about the up axis only."""
+    lo, hi = local.min(axis=0), local.max(axis=0)
+    centre = y_up_to_z_up(((lo + hi) / 2 @ rot.T + pos)[None])[0]
+    size_yup = hi - lo
+    # Local x in the world (z-up): its heading is the yaw.
+    x_world = y_up_to_z_up((rot @ np.array([1.0, 0.0, 0.0]))[None])[0]
+    yaw = math.atan2(x_world[1], x_world[0])
+    return ObjectBox(inst, label, centre, np.array([size_yup[0], size_yup[2], size_yup[1]]), yaw)
+
+
+def _wall_from_mesh(v: np.ndarray, inst: int) -> Wall:
+    xy = v[:, :2]
+    centre = xy.mean(axis=0)
+    # Principal direction of the wall's footprint.
+    cov = np.cov((xy - centre).T) if len(xy) > 1 else np.eye(2)
+    _, vecs = np.linalg.eigh(cov)
+    d = vecs[:, -1]
+    t = (xy - centre) @ d
+    a, b = centre + d * t.min(), centre + d * t.max()
+    z0, z1 = float(v[:, 2].min()), float(v[:, 2].max())
+    return Wall(np.array([a[0], a[1], z0]), np.array([b[0], b[1], z0]), z1 - z0, 0.1, inst)
+
+
+def _opening(label: str, v: np.ndarray, inst: int, walls: list[Wall]) -> Opening | None:
+    if not walls:
+        return None
+    centre = (v.min(axis=0) + v.max(axis=0)) / 2
+    best, best_d, best_w = None, float("inf"), 0.0
+    for i, w in enumerate(walls):
+        a, b = w.a[:2], w.b[:2]
+        ab = b - a
+        s = float(np.clip(np.dot(centre[:2] - a, ab) / max(np.dot(ab, ab), 1e-12), 0, 1))
+        dist = float(np.linalg.norm(a + ab * s - centre[:2]))
+        if dist < best_d:
+            d = ab / max(np.linalg.norm(ab), 1e-12)
+            proj = (v[:, :2] - a) @ d
+            best, best_d, best_w = i, dist, float(proj.max() - proj.min())
+    assert best is not None
+    return Opening(label, best, centre, best_w, float(v[:, 2].max() - v[:, 2].min()), inst)
+
+
+def floor_outline(xy: np.ndarray, faces: np.ndarray) -> np.ndarray | None:
+    """The longest boundary loop of a 2D triangle set, counter-clockwise."""
+    # Weld vertices by position so separate meshes of one floor share edges.
+    keys = np.round(xy[faces.ravel()], 4)
+    uniq, inv = np.unique(keys, axis=0, return_inverse=True)
+    f = inv.reshape(-1, 3)
+    edges = np.concatenate([f[:, [0, 1]], f[:, [1, 2]], f[:, [2, 0]]])
+    und = np.sort(edges, axis=1)
+    _, idx, counts = np.unique(und, axis=0, return_index=True, return_counts=True)
+    boundary = edges[idx[counts == 1]]
+    if not len(boundary):
+        return None
+    nxt: dict[int, int] = {}
+    for a, b in boundary.tolist():
+        nxt.setdefault(a, b)
+    best: list[int] = []
+    seen: set[int] = set()
+    for start in nxt:
+        if start in seen:
+            continue
+        loop, cur = [], start
+        while cur not in seen and cur in nxt:
+            seen.add(cur)
+            loop.append(cur)
+            cur = nxt[cur]
+        if len(loop) > len(best):
+            best = loop
+    if len(best) < 3:
+        return None
+    poly = uniq[best]
+    area = 0.5 * (np.dot(poly[:, 0], np.roll(poly[:, 1], -1)) - np.dot(poly[:, 1], np.roll(poly[:, 0], -1)))
+    return poly if area > 0 else poly[::-1]
+
+
+def make_importer(source: str, root: Path, cfg: Any) -> MeshFolderImporter | ScanNetImporter | Front3DImporter:
+    if source == "meshes":
+        return MeshFolderImporter(root, cfg.importer.up_axis, cfg.importer.scale)
+    if source == "scannet":
+        return ScanNetImporter(root, cfg.render.views, cfg.render.image_size)
+    if source == "front3d":
+        model_dir = Path(cfg.importer.model_dir) if cfg.importer.model_dir else None
+        return Front3DImporter(root, model_dir)
+    raise UserError(f"unknown source '{source}'")
+
+
+__all__ = ["CLASSES", "Front3DImporter", "MeshFolderImporter", "ScanNetImporter", "make_importer", "map_label"]

@@ -1,0 +1,321 @@
+"""Scene → sample (voxelise, place cameras, render, encode) and dataset → shards (plan, build, write, index).
+
+Used by the stage and by `interiorfusion data synth`. A scene's bytes depend only on the config and its index,
+never on worker count or run order, so a resumed or parallel run writes the same shards.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import multiprocessing
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from interiorfusion_core.errors import UserError
+from interiorfusion_core.storage import ArtifactStore, open_store
+from interiorfusion_data.config import DataStageConfig
+from interiorfusion_data.format import DATASET_FORMAT, INDEX_FORMAT, EncodedSample, encode_sample, json_bytes
+from interiorfusion_data.procedural import ProceduralOptions, generate_scene
+from interiorfusion_data.render import orbit_cameras, place_cameras, render, scale_camera
+from interiorfusion_data.scene import CLASSES, Scene
+from interiorfusion_data.shards import ShardWriter, index_name, shard_name
+from interiorfusion_data.voxelize import CHANNELS, VoxelGrid, downsample, fit_cube, scene_face_attrs, voxelize
+
+log = logging.getLogger("interiorfusion_data")
+SPLITS = ("train", "val", "test")
+
+
+def procedural_options(cfg: DataStageConfig) -> ProceduralOptions:
+    p = cfg.procedural
+    return ProceduralOptions(tuple(p.room_kinds), tuple(p.size_range), tuple(p.archetypes), p.min_objects,
+                             p.max_objects)
+
+
+def camera_rng(seed: int, index: int) -> np.random.Generator:
+    # A stream separate from the scene's own, so camera choices never shift the geometry.
+    return np.random.default_rng(np.random.SeedSequence([int(seed), int(index), 1]))
+
+
+def scene_cameras(scene: Scene, cfg: DataStageConfig, rng: np.random.Generator) -> list:
+    r = cfg.render
+    if r.views == 0:
+        return []
+    if scene.cameras:
+        return [scale_camera(c, r.image_size, r.image_size) if c.width != r.image_size else c
+                for c in scene.cameras[: r.views]]
+    mode = cfg.importer.camera_mode
+    if mode == "orbit" or (mode == "auto" and scene.floor_polygon is None):
+        return orbit_cameras(scene, rng, r.views, r.image_size)
+    if scene.floor_polygon is None:
+        lo, hi = scene.bounds()
+        scene.floor_polygon = np.array([[lo[0], lo[1]], [hi[0], lo[1]], [hi[0], hi[1]], [lo[0], hi[1]]])
+    return place_cameras(scene, rng, r.views, r.image_size, tuple(r.fov_deg))
+
+
+def build_sample(scene: Scene, cfg: DataStageConfig, index: int) -> EncodedSample:
+    """Voxelise at the finest resolution (coarser levels by exact downsampling), render every view, encode."""
+    t0 = time.perf_counter()
+    lo, hi = scene.bounds()
+    origin, side = fit_cube(lo, hi, cfg.voxel.margin, cfg.voxel.cube_size)
+    attrs = scene_face_attrs(scene.face_material, scene.face_normals())
+    res = cfg.voxel.resolutions
+    finest = max(res)
+    fine = voxelize(scene.triangles, attrs, finest, origin, side / finest)
+    grids = []
+    for r in res:
+        if r == finest:
+            grids.append(fine)
+        else:
+            c, a = downsample(fine.coords, fine.attrs, finest // r)
+            grids.append(VoxelGrid(c, a, r, origin, side / r))
+    t1 = time.perf_counter()
+    cams = scene_cameras(scene, cfg, camera_rng(cfg.seed, index))
+    normals = scene.face_normals()
+    renders = [render(scene, cam, normals) for cam in cams]
+    t2 = time.perf_counter()
+    sample = encode_sample(scene.name, scene, grids, cams, renders, origin, side, cfg.render.png_compress_level)
+    t3 = time.perf_counter()
+    sample.stats.update(t_voxelize=t1 - t0, t_render=t2 - t1, t_encode=t3 - t2)
+    return sample
+
+
+# ---------------------------------------------------------------------------------------------- sources
+class SceneSource:
+    """Numbered scenes: procedural (index → seed) or an importer's sorted item list."""
+
+    def __init__(self, cfg: DataStageConfig, import_root: Path | None = None):
+        self.cfg = cfg
+        self.importer = None
+        if cfg.source == "procedural":
+            self.count = cfg.num_scenes or 0
+            self.opts = procedural_options(cfg)
+        else:
+            from interiorfusion_data.importers import make_importer
+
+            if import_root is None:
+                raise UserError(f"source '{cfg.source}' needs importer.path")
+            self.importer = make_importer(cfg.source, import_root, cfg)
+            self.items = self.importer.items()
+            self.count = len(self.items) if cfg.num_scenes is None else min(len(self.items), cfg.num_scenes)
+
+    def scene(self, index: int) -> Scene:
+        if self.importer is None:
+            return generate_scene(self.cfg.seed, index, self.opts)
+        scene = self.importer.load(self.items[index])
+        # Imported names can repeat (same stem, other extension): the index makes the sample key unique.
+        scene.name = f"{scene.name}-{index:06d}"
+        return scene
+
+
+def resolve_import_root(cfg: DataStageConfig, work_dir: Path) -> Path | None:
+    """A local folder for the importer: the path itself, or a copy of an s3:// / file:// prefix."""
+    if cfg.source == "procedural":
+        return None
+    path = str(cfg.importer.path)
+    if "://" not in path:
+        p = Path(path).expanduser()
+        if not p.exists():
+            raise UserError(f"importer.path: {path} does not exist")
+        return p
+    store = open_store(path)
+    dest = work_dir / "import"
+    keys = list(store.list())
+    if not keys:
+        raise UserError(f"importer.path: {path} holds no files")
+    for key in keys:
+        store.get_file(key, dest / key)
+    return dest
+
+
+# Worker-process state: one source per process (importers parse their listing once).
+_WORKER: dict[str, Any] = {}
+
+
+def _init_worker(cfg_json: dict[str, Any], import_root: str | None) -> None:
+    cfg = DataStageConfig.model_validate(cfg_json)
+    _WORKER["cfg"] = cfg
+    _WORKER["source"] = SceneSource(cfg, Path(import_root) if import_root else None)
+
+
+def _build_in_worker(index: int) -> EncodedSample:
+    t0 = time.perf_counter()
+    scene = _WORKER["source"].scene(index)
+    t1 = time.perf_counter()
+    sample = build_sample(scene, _WORKER["cfg"], index)
+    sample.stats["t_generate"] = t1 - t0
+    return sample
+
+
+@dataclass
+class ShardPlan:
+    split: str
+    number: int
+    indices: list[int]
+
+    @property
+    def key(self) -> str:
+        return f"{self.split}/{shard_name(self.number)}"
+
+    @property
+    def index_key(self) -> str:
+        return f"{self.split}/{index_name(shard_name(self.number))}"
+
+
+def split_counts(n: int, cfg: DataStageConfig) -> dict[str, int]:
+    fr = {"train": cfg.splits.train, "val": cfg.splits.val, "test": cfg.splits.test}
+    counts = {s: math.floor(n * f) for s, f in fr.items()}
+    # Hand out the remainder by largest fractional part, but never leave a requested split empty if n allows.
+    rest = n - sum(counts.values())
+    for s in sorted(fr, key=lambda s: (-(n * fr[s] - counts[s]), SPLITS.index(s)))[:rest]:
+        counts[s] += 1
+    for s in ("val", "test"):
+        if fr[s] > 0 and counts[s] == 0 and counts["train"] > 1:
+            counts[s], counts["train"] = 1, counts["train"] - 1
+    return counts
+
+
+def plan_shards(n: int, cfg: DataStageConfig) -> list[ShardPlan]:
+    order = np.random.default_rng(np.random.SeedSequence([int(cfg.seed), 7])).permutation(n).tolist()
+    counts = split_counts(n, cfg)
+    plans, pos = [], 0
+    for split in SPLITS:
+        chosen = sorted(order[pos:pos + counts[split]])
+        pos += counts[split]
+        per = cfg.shards.samples_per_shard
+        for k in range(0, len(chosen), per):
+            plans.append(ShardPlan(split, k // per, chosen[k:k + per]))
+    return plans
+
+
+@dataclass
+class WriteSummary:
+    dataset: dict[str, Any]
+    metrics: dict[str, float]
+    built: int = 0
+    adopted: int = 0
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def build_samples(cfg: DataStageConfig, import_root: Path | None, indices: list[int]) -> Iterator[EncodedSample]:
+    """Samples for `indices`, in order; in worker processes when cfg.num_workers > 1."""
+    if cfg.num_workers <= 1:
+        _init_worker(cfg.model_dump(mode="json"), str(import_root) if import_root else None)
+        for i in indices:
+            yield _build_in_worker(i)
+        return
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(cfg.num_workers, mp_context=ctx, initializer=_init_worker,
+                             initargs=(cfg.model_dump(mode="json"), str(import_root) if import_root else None)) as ex:
+        # In order, with a bounded window: Executor.map would submit everything at once and could hold
+        # thousands of finished samples (tens of MB each at 1024³) in memory behind one slow scene.
+        window = 2 * cfg.num_workers
+        pending: deque = deque()
+        it = iter(indices)
+        for i in it:
+            pending.append(ex.submit(_build_in_worker, i))
+            if len(pending) >= window:
+                break
+        while pending:
+            sample = pending.popleft().result()
+            nxt = next(it, None)
+            if nxt is not None:
+                pending.append(ex.submit(_build_in_worker, nxt))
+            yield sample
+
+
+def write_dataset(
+    store: ArtifactStore,
+    cfg: DataStageConfig,
+    work_dir: Path,
+    *,
+    resumed: bool = False,
+    on_shard: Callable[[ShardPlan, dict[str, Any], dict[str, float]], None] | None = None,
+) -> WriteSummary:
+    """Build and write every shard and `dataset.json` (last) under `store`."""
+    import_root = resolve_import_root(cfg, work_dir)
+    source = SceneSource(cfg, import_root)
+    if source.count == 0:
+        raise UserError("the data source yielded no scenes")
+    plans = plan_shards(source.count, cfg)
+    splits: dict[str, dict[str, Any]] = {s: {"num_samples": 0, "shards": []} for s in SPLITS}
+    totals: dict[str, float] = {}
+    built = adopted = 0
+    adopt = getattr(store, "adopt", None)
+    t_start = time.perf_counter()
+    todo: list[ShardPlan] = []
+    indexes: dict[str, dict[str, Any]] = {}
+    for plan in plans:
+        # The plan is a function of the config, and a resume always has the same config (the run marker's
+        # cache key), so a shard whose index exists with the planned sample count is complete.
+        if resumed and store.exists(plan.index_key) and store.exists(plan.key):
+            idx = store.get_json(plan.index_key)
+            if idx.get("format") == INDEX_FORMAT and len(idx.get("samples", [])) == len(plan.indices):
+                if adopt is not None:
+                    adopt(plan.key)
+                    adopt(plan.index_key)
+                indexes[plan.key] = idx
+                adopted += 1
+                continue
+        todo.append(plan)
+    flat = [i for p in todo for i in p.indices]
+    stream = build_samples(cfg, import_root, flat)
+    # Progress on stderr (shown on a terminal, silent in logs and tests).
+    progress = tqdm(total=len(flat), desc="data: scenes", unit="scene", disable=None, leave=False)
+    for plan in todo:
+        tmp = work_dir / f"{plan.split}-{shard_name(plan.number)}"
+        writer = ShardWriter(tmp, shard_name(plan.number))
+        shard_stats: dict[str, float] = {}
+        for _ in plan.indices:
+            sample = next(stream)
+            writer.add(sample)
+            progress.update(1)
+            for k, v in sample.stats.items():
+                shard_stats[k] = shard_stats.get(k, 0.0) + v
+        idx = writer.close()
+        store.put_file(plan.key, tmp)
+        tmp.unlink(missing_ok=True)
+        # The index goes second: its presence marks the shard complete (resume relies on it).
+        store.put_bytes(plan.index_key, json_bytes(idx) + b"\n")
+        indexes[plan.key] = idx
+        built += 1
+        for k, v in shard_stats.items():
+            totals[k] = totals.get(k, 0.0) + v
+        if on_shard is not None:
+            on_shard(plan, idx, shard_stats)
+    progress.close()
+    for plan in plans:
+        idx = indexes[plan.key]
+        entry = {"shard": plan.key, "index": plan.index_key, "num_samples": len(idx["samples"]),
+                 "size": idx["size"], "sha256": idx["sha256"]}
+        splits[plan.split]["shards"].append(entry)
+        splits[plan.split]["num_samples"] += entry["num_samples"]
+    dataset = {
+        "format": DATASET_FORMAT, "name": cfg.dataset, "source": cfg.source, "seed": cfg.seed,
+        "classes": list(CLASSES), "channels": list(CHANNELS), "resolutions": cfg.voxel.resolutions,
+        "views": cfg.render.views, "image_size": cfg.render.image_size, "splits": splits,
+    }
+    store.put_bytes("dataset.json", json_bytes(dataset) + b"\n")
+    n_built = sum(len(p.indices) for p in todo)
+    metrics = {
+        "scenes": float(source.count), "shards": float(len(plans)),
+        "shards_built": float(built), "shards_adopted": float(adopted),
+        "train_samples": float(splits["train"]["num_samples"]), "val_samples": float(splits["val"]["num_samples"]),
+        "test_samples": float(splits["test"]["num_samples"]),
+        "bytes_total": float(sum(s["size"] for sp in splits.values() for s in sp["shards"])),
+    }
+    if n_built:
+        metrics["seconds_per_scene"] = (time.perf_counter() - t_start) / n_built
+        for k, v in totals.items():
+            metrics[f"mean_{k}"] = v / n_built
+    return WriteSummary(dataset, metrics, built, adopted, {k: v / max(n_built, 1) for k, v in totals.items()
+                                                           if k.startswith("t_")})
+
