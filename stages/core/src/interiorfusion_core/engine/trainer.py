@@ -293,6 +293,10 @@ class Trainer:
                                    f"{sorted(losses)})")
                 loss = losses["loss"]
                 if rt.deepspeed:
+                    # DeepSpeed steps inside step(), before we could look: a non-finite loss is turned into
+                    # non-finite gradients (× NaN; × 1.0 is exact otherwise) so DeepSpeed's own check skips it.
+                    ok = torch.isfinite(loss.detach())
+                    loss = loss * torch.where(ok, 1.0, math.nan).to(loss.dtype)
                     self.engine.backward(loss)  # DeepSpeed divides by its gradient_accumulation_steps
                     self.engine.step()  # applies (and clips) only at the accumulation boundary
                 else:
@@ -336,6 +340,10 @@ class Trainer:
         self._open_progress()
         try:
             with self.guard:
+                for cb in self.callbacks:
+                    fn = getattr(cb, "on_fit_start", None)
+                    if fn is not None:
+                        fn(self)
                 self._loop()
                 return self._finish()
         finally:
