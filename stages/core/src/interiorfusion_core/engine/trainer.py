@@ -426,6 +426,10 @@ class Trainer:
                   "moves on, so the offending batches are not replayed")
         self._restore(info, full=False)
         st.rollbacks += 1
+        for cb in self.callbacks:
+            fn = getattr(cb, "on_rollback", None)
+            if fn is not None:
+                fn(self, st.step)
         if self.phase.index != phase_at(self.phases, st.step).index:
             # The checkpoint is from an earlier phase: that phase's loader resumes where the checkpoint left it.
             self._enter_phase(phase_at(self.phases, st.step), self._read_data_state(info))
