@@ -315,13 +315,17 @@ class Trainer:
             grads = [p.grad for p in self._params if p.grad is not None]
             gn = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=rt.device)
         finite = torch.isfinite(terms["loss"]) & torch.isfinite(gn)
-        # One small collective per step: every rank agrees on "skip this step" and on "stop after it".
-        flags = torch.stack([(~finite).float(), torch.tensor(float(self.guard.requested), device=rt.device)])
-        bad, stop = (v > 0 for v in all_reduce(flags, rt, "max").tolist())
+        # One small collective and one host sync per step: every rank agrees on "skip this step" and on "stop
+        # after it", and the host learns the gradient norm (so clipping only touches the gradients when it clips).
+        flags = torch.stack([(~finite).float(), torch.tensor(float(self.guard.requested), device=rt.device),
+                             gn.detach().float()])
+        bad_f, stop_f, norm = all_reduce(flags, rt, "max").tolist()
+        bad, stop = bad_f > 0, stop_f > 0
         self._step_lr = self.raw_optimizer.param_groups[0]["lr"]  # the lr this step used
         if not rt.deepspeed:
             if not bad:
-                if t.grad_clip > 0:
+                # clip_grads_with_norm_ scales by min(1, clip / (norm + 1e-6)): a no-op below that threshold.
+                if t.grad_clip > 0 and norm + 1e-6 > t.grad_clip:
                     torch.nn.utils.clip_grads_with_norm_(self._params, t.grad_clip, gn)
                 self.raw_optimizer.step()
             self.raw_optimizer.zero_grad(set_to_none=True)
