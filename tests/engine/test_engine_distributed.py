@@ -17,7 +17,8 @@ from test_engine_program import ROOT, ForkRunner, accelerate_cmd, run_program, t
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
 STEPS, NAN_AT, PREEMPT = 8, 3, 5
-PER_RANK = dict(batch_size=4, max_steps=STEPS, checkpoint_every=4, log_every=1, keep_last_checkpoints=3)
+PER_RANK = dict(batch_size=4, max_steps=STEPS, checkpoint_every=4, log_every=1, keep_last_checkpoints=3, val_every=4,
+                ema={"decay": 0.8, "start_step": 1}, data__val_samples=16)
 QUIET = {"PYTHONWARNINGS": "ignore::FutureWarning,ignore::UserWarning", "ENGINE_TEST_NAN_AT": str(NAN_AT)}
 
 
@@ -39,13 +40,19 @@ def launch(kind: str, config: Path, out: Path, tmp: Path, **env: str) -> Any:
                        HF_HOME=str(tmp / "hf"), **QUIET, **env)
 
 
-def losses(path: Path) -> dict[int, float]:
-    return {int(r["step"]): r["train/loss"] for r in json.loads(path.read_text()) if "train/loss" in r}
+def losses(path: Path, key: str = "train/loss") -> dict[int, float]:
+    return {int(r["step"]): r[key] for r in json.loads(path.read_text()) if key in r}
 
 
-def final_model(out: Path) -> dict[str, torch.Tensor]:
+def final_model(out: Path, name: str = "model.safetensors") -> dict[str, torch.Tensor]:
     manifest = json.loads((out / "manifest.json").read_text())
-    return load_file(out / manifest["outputs"]["checkpoint"] / "model.safetensors")
+    return load_file(out / manifest["outputs"]["checkpoint"] / name)
+
+
+def assert_same_curves(got: dict[int, float], expected: dict[int, float]) -> None:
+    assert got.keys() == expected.keys()
+    for step, value in expected.items():
+        assert got[step] == pytest.approx(value, rel=1e-4, abs=1e-6), f"step {step}"
 
 
 def assert_close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
@@ -55,7 +62,7 @@ def assert_close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None
 
 
 @pytest.fixture(scope="module")
-def single(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[int, float], dict[str, torch.Tensor]]:
+def single(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """One process, batch 8: the global batch of 2 ranks × 4."""
     tmp = tmp_path_factory.mktemp("single")
     config = write_config(tmp / "single.yaml", toy_config(**{**PER_RANK, "batch_size": 8}))
@@ -64,11 +71,13 @@ def single(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[int, float], 
     assert code == 0, log[-3000:]
     rec = losses(tmp / "rec.json")
     assert NAN_AT not in rec and len(rec) == STEPS - 1  # the NaN step was skipped and kept out of the means
-    return rec, final_model(tmp / "out")
+    val = losses(tmp / "rec.json", "val/loss")
+    assert sorted(val) == [4, 8]
+    return {"train": rec, "val": val, "model": final_model(tmp / "out"),
+            "ema": final_model(tmp / "out", "ema.safetensors")}
 
 
-def test_zero3_two_processes_match_one_and_resume_and_consolidate(single: tuple, tmp_path: Path) -> None:
-    expected_losses, expected_model = single
+def test_zero3_two_processes_match_one_and_resume_and_consolidate(single: dict, tmp_path: Path) -> None:
     config = write_config(tmp_path / "zero3.yaml", toy_config(**PER_RANK))
     out = tmp_path / "out"
     first = launch("zero3", config, out, tmp_path, ENGINE_TEST_PREEMPT_AT=str(PREEMPT),
@@ -87,13 +96,14 @@ def test_zero3_two_processes_match_one_and_resume_and_consolidate(single: tuple,
     assert second.returncode == 0, second.stderr[-3000:]
     assert f"resuming from step {PREEMPT}" in second.stderr
 
-    got = {**losses(tmp_path / "rec1.json"), **losses(tmp_path / "rec2.json")}
-    assert got.keys() == expected_losses.keys()
-    for step, value in expected_losses.items():
-        assert got[step] == pytest.approx(value, rel=1e-4, abs=1e-6), f"step {step}"
-    # the final ZeRO-3 checkpoint holds a consolidated single-file model equal to the single-process one
+    recs = [tmp_path / "rec1.json", tmp_path / "rec2.json"]
+    assert_same_curves({**losses(recs[0]), **losses(recs[1])}, single["train"])
+    assert_same_curves({**losses(recs[0], "val/loss"), **losses(recs[1], "val/loss")}, single["val"])
+    # the final ZeRO-3 checkpoint holds a consolidated single-file model equal to the single-process one, and the
+    # EMA (averaged per partition, saved per rank, restored after the preemption, gathered at the end)
     consolidated = final_model(out)
-    assert_close(consolidated, expected_model)
+    assert_close(consolidated, single["model"])
+    assert_close(final_model(out, "ema.safetensors"), single["ema"])
     from interiorfusion_core.engine.toy import ToyEngineConfig, build_toy_mlp
 
     model = build_toy_mlp(ToyEngineConfig.model_validate(toy_config(**PER_RANK)))
@@ -108,14 +118,12 @@ def test_zero3_two_processes_match_one_and_resume_and_consolidate(single: tuple,
     assert state.keys() == consolidated.keys()
 
 
-def test_ddp_two_processes_match_one(single: tuple, tmp_path: Path) -> None:
-    expected_losses, expected_model = single
+def test_ddp_two_processes_match_one(single: dict, tmp_path: Path) -> None:
     config = write_config(tmp_path / "ddp.yaml", toy_config(**PER_RANK))
     proc = launch("ddp", config, tmp_path / "out", tmp_path, ENGINE_TEST_RECORD=str(tmp_path / "rec.json"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "DDP on 2× cpu" in proc.stderr
-    got = losses(tmp_path / "rec.json")
-    assert got.keys() == expected_losses.keys()
-    for step, value in expected_losses.items():
-        assert got[step] == pytest.approx(value, rel=1e-4, abs=1e-6), f"step {step}"
-    assert_close(final_model(tmp_path / "out"), expected_model)
+    assert_same_curves(losses(tmp_path / "rec.json"), single["train"])
+    assert_same_curves(losses(tmp_path / "rec.json", "val/loss"), single["val"])
+    assert_close(final_model(tmp_path / "out"), single["model"])
+    assert_close(final_model(tmp_path / "out", "ema.safetensors"), single["ema"])

@@ -9,7 +9,7 @@ with the CLI's exit codes. Test-only knobs come from the environment:
     ENGINE_TEST_KILL_IN_CKPT=N   SIGKILL while checkpoint N is half-written (files uploaded, no index yet)
     ENGINE_TEST_PREEMPT_AT=N     SIGTERM to rank 0 during step N (every rank must stop after step N)
     ENGINE_TEST_NAN_AT=a,b       the loss of steps a and b (1-based) is NaN
-    ENGINE_TEST_RECORD=PATH      rank 0 writes every logged metric row to PATH (JSON)
+    ENGINE_TEST_RECORD=PATH      rank 0 writes every logged metric row (train and val) to PATH (JSON)
     ENGINE_TEST_MLFLOW=1         use the real MLflow tracker (else a NullTracker, for speed)
 
 No test functions live here (pytest collects nothing); the name only follows the test directory's convention.
@@ -164,6 +164,8 @@ class _Hooks:
         if self.record and trainer.rt.is_main:
             self.rows.append({"step": step, **metrics})
             Path(self.record).write_text(json.dumps(self.rows))
+
+    on_validation = on_log
 
 
 def nan_task_class(nan_at: set[int]) -> type:
