@@ -150,6 +150,28 @@ def pipeline_run(
         console.print(f"\nMLflow: {uri}", markup=False)
 
 
+@app.command("plan")
+@user_errors
+def plan(
+    config: Annotated[Path, typer.Argument(help="Stage config YAML.")],
+    gpus: Annotated[int | None, typer.Option("--gpus", help="GPUs (default: the config's training.num_gpus).")] = None,
+    gpu: Annotated[str, typer.Option("--gpu", help="a100-40gb, a100-80gb, h100-80gb, h200, rtx-4090, l40s.")] = (
+        "a100-80gb"),
+    price_per_hour: Annotated[
+        float | None, typer.Option("--price-per-hour", help="USD per GPU-hour (default: the catalogue's).")
+    ] = None,
+    mfu: Annotated[float, typer.Option("--mfu", help="Model FLOPs utilisation assumed for step time.")] = 0.4,
+    set_: SetOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """Estimate parameters, memory per GPU (ZeRO-0/1/2/3, with and without activation checkpointing), FLOPs,
+    step time, wall days and cost of a config, beside the seed's hardware table."""
+    from interiorfusion_core.engine.planner import plan_command
+
+    plan_command(config, gpus=gpus, gpu=gpu, price_per_hour=price_per_hour, mfu=mfu, overrides=tuple(set_ or ()),
+                 as_json=as_json)
+
+
 def _mount_plugins() -> None:
     for ep in entry_points(group="interiorfusion.cli"):
         app.add_typer(ep.load(), name=ep.name)

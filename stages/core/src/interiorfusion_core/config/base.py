@@ -43,6 +43,9 @@ class SchedulerConfig(Strict):
     num_cycles: PositiveInt = 1
     # Floor of the cosine, as a fraction of the phase's peak lr.
     min_lr_ratio: Probability = 0.0
+    # Linear re-warmup at the start of every curriculum phase after the first (the first phase uses
+    # warmup_steps). 0 = a later phase starts straight at its peak lr.
+    phase_warmup_steps: NonNegativeInt = 0
 
 
 class CurriculumPhase(Strict):
@@ -59,7 +62,8 @@ class EMAConfig(Strict):
 
 
 class LRScalingConfig(Strict):
-    """Grendel-GS batch scaling: lr × sqrt(batch), Adam β → β**batch (opt-in)."""
+    """Grendel-GS batch scaling (opt-in), with k = global batch / reference_batch:
+    lr × sqrt(k), Adam β → β**k, and (scale_eps) eps / sqrt(k). See docs/engine.md."""
 
     enabled: bool = False
     # The batch the base lr/betas were tuned for; scaling uses batch / reference_batch.

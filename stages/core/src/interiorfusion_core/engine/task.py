@@ -1,0 +1,100 @@
+"""What a stage gives the engine: a TrainTask (model, data, losses) and resumable data loaders."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any, ClassVar, Protocol, runtime_checkable
+
+import torch
+from torch import nn
+
+from interiorfusion_core.config.base import CurriculumPhase
+
+
+@runtime_checkable
+class ResumableLoader(Protocol):
+    """The data-loader contract (the data stage's streaming loader implements it; `InMemoryLoader` is the
+    reference implementation).
+
+    - `iter(loader)` yields this rank's batches of the current epoch, starting at the current position;
+    - `state_dict()` is JSON-able and describes the position after the last batch *handed out* (not prefetched);
+    - `load_state_dict(state)` restores it: the next `iter()` continues exactly where that state left off;
+    - `set_epoch(e)` starts epoch `e` from its beginning (its own shuffle order, seeded by the factory's seed).
+    """
+
+    def __iter__(self) -> Iterator[Any]: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None: ...
+
+    def set_epoch(self, epoch: int) -> None: ...
+
+
+class TrainTask(ABC):
+    """Subclass per stage. The engine calls, in order: `build_model`, `make_loader` (again at every curriculum
+    phase change), then `compute_losses` for every micro-batch; `val_batches` every `training.val_every` steps."""
+
+    # Name of the stage's own throughput unit (e.g. "voxels", "tokens"): logged as train/<unit>_per_s when
+    # `count_units` returns a number.
+    unit_name: ClassVar[str | None] = None
+
+    @abstractmethod
+    def build_model(self, config: Any) -> nn.Module:
+        """The model, on CPU, in fp32. Under ZeRO-3 this runs inside `deepspeed.zero.Init` (parameters are
+        partitioned as they are created); also used on the meta device by the planner when registered there."""
+
+    @abstractmethod
+    def make_loader(self, phase: CurriculumPhase | None, rank: int, world_size: int, seed: int) -> ResumableLoader:
+        """This rank's loader for a curriculum phase (None without a curriculum). The rank's batch size is
+        `training.batch_size`; ranks must see disjoint samples."""
+
+    @abstractmethod
+    def compute_losses(self, model: nn.Module, batch: Any) -> Mapping[str, torch.Tensor]:
+        """Scalar losses: "loss" (the total that is back-propagated) and any named terms (logged). `model` is the
+        wrapped model (DDP / DeepSpeed engine): call it as `model(...)` so gradient hooks fire; use
+        `interiorfusion_core.engine.unwrap(model)` to reach attributes."""
+
+    def val_batches(self, rank: int, world_size: int) -> Iterable[Any] | None:
+        """Validation batches of this rank (None: no validation). Up to `training.val_batches` are used."""
+        return None
+
+    def count_units(self, batch: Any) -> int | float | None:
+        """The number of `unit_name` units in a batch (e.g. active voxels), before it moves to the device."""
+        return None
+
+    def batch_size_of(self, batch: Any) -> int | None:
+        """Samples in a batch (for samples/s); None: `training.batch_size`."""
+        return None
+
+    def on_phase(self, phase: CurriculumPhase | None, model: nn.Module) -> None:  # noqa: B027 - optional hook
+        """Called when a curriculum phase starts (including the phase a resumed run starts in)."""
+
+    def param_groups(self, model: nn.Module, weight_decay: float) -> list[dict[str, Any]] | None:
+        """Optimiser parameter groups; None: decay on ndim >= 2 trainable parameters, none on the rest."""
+        return None
+
+    def to_device(self, batch: Any, device: torch.device, dtype: torch.dtype | None = None) -> Any:
+        """Move a batch to the device; `dtype` (when set) is the floating dtype the model's parameters use."""
+        return move_to(batch, device, dtype)
+
+
+def move_to(obj: Any, device: torch.device, dtype: torch.dtype | None = None) -> Any:
+    """Tensors (recursively in dicts, lists, tuples) to `device`; floating tensors to `dtype` when given."""
+    if isinstance(obj, torch.Tensor):
+        if dtype is not None and obj.is_floating_point():
+            return obj.to(device=device, dtype=dtype, non_blocking=True)
+        return obj.to(device, non_blocking=True)
+    if isinstance(obj, Mapping):
+        return {k: move_to(v, device, dtype) for k, v in obj.items()}
+    if isinstance(obj, tuple) and hasattr(obj, "_fields"):
+        return type(obj)(*(move_to(v, device, dtype) for v in obj))
+    if isinstance(obj, list | tuple):
+        return type(obj)(move_to(v, device, dtype) for v in obj)
+    if hasattr(obj, "to") and callable(obj.to) and not isinstance(obj, nn.Module):
+        return obj.to(device)
+    return obj
+
+
+__all__ = ["ResumableLoader", "TrainTask", "move_to"]

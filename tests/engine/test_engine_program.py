@@ -1,0 +1,222 @@
+"""The program the engine tests launch (plain `python`, `accelerate launch`), plus helpers the test modules share.
+
+    python tests/engine/test_engine_program.py CONFIG.yaml OUTPUT [--restart]
+
+runs the `engine-toy` stage through the real stage contract (`run_stage`, the `_run.json` marker, resume), exiting
+with the CLI's exit codes. Test-only knobs come from the environment:
+
+    ENGINE_TEST_KILL_AT=N        SIGKILL this process at the end of step N (rank 0)
+    ENGINE_TEST_KILL_IN_CKPT=N   SIGKILL while checkpoint N is half-written (files uploaded, no index yet)
+    ENGINE_TEST_PREEMPT_AT=N     SIGTERM to rank 0 during step N (every rank must stop after step N)
+    ENGINE_TEST_NAN_AT=a,b       the loss of steps a and b (1-based) is NaN
+    ENGINE_TEST_RECORD=PATH      rank 0 writes every logged metric row (train and val) to PATH (JSON)
+    ENGINE_TEST_MLFLOW=1         use the real MLflow tracker (else a NullTracker, for speed)
+
+No test functions live here (pytest collects nothing); the name only follows the test directory's convention.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[2]
+PROGRAM = Path(__file__).resolve()
+PYTHONPATH = os.pathsep.join([str(ROOT / "stages/core/src"), str(ROOT / "flows/src")])
+
+
+def child_env(tmp: Path, **extra: str) -> dict[str, str]:
+    """Environment of a launched run: this checkout first on the path, one thread, state under `tmp`."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "ENGINE_TEST_"))}
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    env.update({
+        "PYTHONPATH": PYTHONPATH + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else ""),
+        "OMP_NUM_THREADS": "1",  # 2 shared cores: OpenMP spinning in two ranks would crawl
+        "INTERIORFUSION_HOME": str(tmp / "home"),
+        "MLFLOW_TRACKING_URI": f"sqlite:///{tmp / 'mlflow.db'}",
+        "INTERIORFUSION_PROGRESS": "log",
+        "HF_HUB_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "DS_ACCELERATOR": "cpu",
+    })
+    env.update(extra)
+    return env
+
+
+def toy_config(**training: Any) -> dict[str, Any]:
+    """A toy-stage config dict (small enough for ~1 ms steps)."""
+    base = {
+        "kind": "engine_toy",
+        "model": {"in_dim": 8, "hidden": 16, "depth": 2},
+        "optimizer": {"lr": 3.0e-3, "weight_decay": 0.01},
+        "scheduler": {"type": "linear_warmup_cosine", "warmup_steps": 4},
+        "data": {"num_samples": 96, "val_samples": 0},
+        "training": {"batch_size": 8, "max_steps": 40, "log_every": 1, "checkpoint_every": 10,
+                     "val_every": 1000, "mixed_precision": "no"},
+    }
+    for key, value in training.items():
+        section, _, name = key.partition("__")
+        if name:
+            base.setdefault(section, {})[name] = value
+        else:
+            base["training"][key] = value
+    return base
+
+
+def write_config(path: Path, config: dict[str, Any]) -> Path:
+    import yaml
+
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def run_program(config: Path, output: Path, tmp: Path, *args: str, launcher: list[str] | None = None,
+                timeout: float = 240, **env: str) -> subprocess.CompletedProcess:
+    cmd = [*(launcher or [sys.executable]), str(PROGRAM), str(config), str(output), *args]
+    return subprocess.run(cmd, env=child_env(tmp, **env), cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+def accelerate_cmd() -> list[str]:
+    return [sys.executable, "-m", "accelerate.commands.launch"]
+
+
+class ForkRunner:
+    """Runs the program in fresh processes forked from a forkserver that has already imported torch (and paid
+    torch._dynamo's first-use import, ~5 s here): same code path as `run_program`, ~10x quicker to start.
+    Each run is still its own process: SIGKILL kills it, exit codes are real."""
+
+    PRELOAD = ("torch", "torch._dynamo", "interiorfusion_core.engine.toy", "interiorfusion_core.cli",
+               "test_engine_program")
+
+    def __init__(self) -> None:
+        import multiprocessing
+
+        self.mp = multiprocessing.get_context("forkserver")
+        self.mp.set_forkserver_preload(list(self.PRELOAD))
+
+    def run(self, config: Path, output: Path, tmp: Path, *args: str, timeout: float = 240,
+            **env: str) -> tuple[int, str]:
+        log = tmp / f"run-{os.urandom(4).hex()}.log"
+        proc = self.mp.Process(target=_forked_main, args=([str(config), str(output), *args],
+                                                          child_env(tmp, **env), str(log)))
+        proc.start()
+        proc.join(timeout)
+        if proc.is_alive():
+            proc.kill()
+            proc.join()
+            raise TimeoutError(f"program did not finish in {timeout} s:\n{log.read_text()[-3000:]}")
+        return proc.exitcode, log.read_text()
+
+
+def _forked_main(argv: list[str], env: dict[str, str], log: str) -> None:
+    os.environ.clear()
+    os.environ.update(env)
+    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    import torch
+
+    torch.set_num_threads(1)
+    try:
+        code = main(argv)
+    except BaseException as exc:  # a traceback in the log beats a silent exit code
+        import traceback
+
+        traceback.print_exc()
+        code = 1 if not isinstance(exc, SystemExit) else int(exc.code or 0)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+# ---------------------------------------------------------------------------------------------- the program
+def _int_env(name: str) -> int | None:
+    value = os.environ.get(name)
+    return int(value) if value else None
+
+
+class _Hooks:
+    def __init__(self) -> None:
+        self.kill_at = _int_env("ENGINE_TEST_KILL_AT")
+        self.preempt_at = _int_env("ENGINE_TEST_PREEMPT_AT")
+        self.record = os.environ.get("ENGINE_TEST_RECORD")
+        self.rows: list[dict[str, float]] = []
+
+    def on_fit_start(self, trainer: Any) -> None:
+        trainer.task.next_step = trainer.state.step + 1
+        if self.preempt_at is not None and trainer.rt.is_main and trainer.state.step == self.preempt_at - 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    def on_step_end(self, trainer: Any, step: int) -> None:
+        trainer.task.next_step = step + 1
+        if self.kill_at == step and trainer.rt.is_main:
+            os.kill(os.getpid(), signal.SIGKILL)
+        if self.preempt_at is not None and step == self.preempt_at - 1 and trainer.rt.is_main:
+            os.kill(os.getpid(), signal.SIGTERM)  # arrives during step preempt_at's bookkeeping → stop after it
+
+    def on_log(self, trainer: Any, step: int, metrics: dict[str, float]) -> None:
+        if self.record and trainer.rt.is_main:
+            self.rows.append({"step": step, **metrics})
+            Path(self.record).write_text(json.dumps(self.rows))
+
+    on_validation = on_log
+
+
+def nan_task_class(nan_at: set[int]) -> type:
+    """The toy task, with a NaN loss at the given (1-based) steps; a callback keeps `next_step` current."""
+    from interiorfusion_core.engine import toy
+
+    class Task(toy.ToyTask):
+        next_step = 1
+
+        def compute_losses(self, model: Any, batch: Any) -> Any:
+            losses = super().compute_losses(model, batch)
+            if model.training and self.next_step in nan_at:
+                losses = {**losses, "loss": losses["loss"] + float("nan")}
+            return losses
+
+    return Task
+
+
+def main(argv: list[str]) -> int:
+    import interiorfusion_core.contract as contract
+    from interiorfusion_core import checkpoint
+    from interiorfusion_core.cli import run_stage_command
+    from interiorfusion_core.engine import toy
+    from interiorfusion_core.errors import UserError
+    from interiorfusion_core.tracking import NullTracker
+
+    config, output, *rest = argv
+    if os.environ.get("ENGINE_TEST_MLFLOW") != "1":
+        contract.Tracker = NullTracker  # MLflow's SQLite set-up costs seconds per process
+    nan_at = {int(s) for s in os.environ.get("ENGINE_TEST_NAN_AT", "").split(",") if s}
+
+    kill_in_ckpt = _int_env("ENGINE_TEST_KILL_IN_CKPT")
+    if kill_in_ckpt is not None:
+        commit = checkpoint.CheckpointManager.commit
+
+        def dying_commit(self: Any, step: int, files: Any, meta: Any) -> Any:
+            if step == kill_in_ckpt:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return commit(self, step, files, meta)
+
+        checkpoint.CheckpointManager.commit = dying_commit  # type: ignore[method-assign]
+
+    toy.ToyStage.task_factory = nan_task_class(nan_at)
+    toy.ToyStage.callbacks = [_Hooks()]
+    try:
+        run_stage_command("engine-toy", Path(config), None, None, output, False, "--restart" in rest)
+    except UserError as exc:
+        print(str(exc), file=sys.stderr)
+        return exc.exit_code
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
