@@ -189,10 +189,10 @@ def test_torch_backend_chunking_is_exact() -> None:
 def test_torch_backend_gradcheck() -> None:
     from interiorfusion_core.sparse import backend_torch, strided_map
 
-    x = random_sparse(shape=(6, 6, 6), density=0.3, channels=2)
+    x = random_sparse(shape=(5, 5, 5), batch=1, density=0.3, channels=2)
     _, kmap = strided_map(x, (3, 3, 3), (2, 2, 2), (1, 1, 1))
-    w = torch.randn(27, 2, 3, dtype=torch.float64, requires_grad=True)
-    b = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(27, 2, 2, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(2, dtype=torch.float64, requires_grad=True)
     f = x.feats.clone().requires_grad_()
     assert torch.autograd.gradcheck(
         lambda f, w, b: backend_torch.sparse_conv(f, w, b, kmap, chunk=5), (f, w, b)

@@ -43,7 +43,7 @@ def channel_to_space(
 
     With ``target``, the output lives exactly on the target's coordinates (e.g. the encoder's level; a target
     voxel whose parent is absent gets zeros). Otherwise the output is the children kept by ``child_mask``
-    ([M, 8] bool; all 8 if None), in parent-major, child-minor order (sorted if the parents are).
+    ([M, 8] bool; all 8 if None), in parent-major, child-minor order (not lexicographic; see `.sorted()`).
     """
     if x.num_channels % 8:
         raise ValueError(f"channel_to_space needs channels divisible by 8, got {x.num_channels}")
@@ -103,7 +103,10 @@ def group_norm(
     n, c = x.feats.shape
     if c % num_groups:
         raise ValueError(f"{c} channels do not split into {num_groups} groups")
-    f = x.feats.float().view(n, num_groups, c // num_groups)  # statistics in fp32 even for bf16 features
+    f = x.feats
+    if f.dtype in (torch.float16, torch.bfloat16):
+        f = f.float()  # statistics in fp32 for half-precision features
+    f = f.view(n, num_groups, c // num_groups)
     b = x.batch_index
     count = torch.bincount(b, minlength=x.batch_size).clamp_(min=1).to(f.dtype) * (c // num_groups)
     total = f.new_zeros(x.batch_size, num_groups).index_add_(0, b, f.sum(-1))
@@ -113,7 +116,7 @@ def group_norm(
     inv_std = torch.rsqrt(sq / count[:, None] + eps).index_select(0, b)
     y = (centred * inv_std[:, :, None]).view(n, c)
     if weight is not None:
-        y = y * weight.float()
+        y = y * weight.to(y.dtype)
     if bias is not None:
-        y = y + bias.float()
+        y = y + bias.to(y.dtype)
     return y.to(x.feats.dtype)
