@@ -247,3 +247,19 @@ def test_generated_children_know_their_parents() -> None:
     fresh.load_state_dict(down.state_dict())
     uncached = SparseTensor(fine.coords, fine.feats, fine.spatial_shape, fine.stride, fine.batch_size)
     torch.testing.assert_close(fresh(uncached).feats, back.feats)
+
+
+def test_empty_tensor_and_empty_sample() -> None:
+    empty = SparseTensor(torch.zeros(0, 4, dtype=torch.long), torch.zeros(0, 3), 8, batch_size=2)
+    y = SubMConv3d(3, 4)(empty)
+    d = SparseConv3d(3, 4)(empty)
+    u = SparseConvTranspose3d(4, 4)(d, target=y)
+    (y.feats.sum() + u.feats.sum()).backward()
+    assert y.num_voxels == d.num_voxels == u.num_voxels == 0 and d.spatial_shape == (4, 4, 4)
+    # sample 0 has no voxels: its statistics must not produce NaNs anywhere
+    occ = torch.zeros(2, 8, 8, 8, dtype=torch.bool)
+    occ[1, 2:5, 3, 4] = True
+    x = SparseTensor.from_occupancy(occ, torch.randn(3, 4, dtype=torch.float64, requires_grad=True))
+    out = SparseGroupNorm(2, 4).double()(x).feats
+    out.sum().backward()
+    assert torch.isfinite(out).all()
