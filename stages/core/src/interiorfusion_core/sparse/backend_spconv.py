@@ -23,7 +23,7 @@ from torch.autograd.function import once_differentiable
 
 from .maps import KernelMap
 
-_LOCK = threading.Lock()
+_LOCK = threading.RLock()  # re-entrant: a guarded call inside a guarded block must not deadlock
 _IMPORT_ERROR: str | None = None
 _ops: Any = None
 
