@@ -13,11 +13,13 @@ from torch.autograd.function import once_differentiable
 
 from .maps import KernelMap
 
-# Rows per gather/matmul/scatter block on CPU, per thread: small enough that each thread's share stays in L2
-# between the three steps (measured at 1 thread: 8k rows ~2x faster than whole offsets); scaled with the
-# thread count so every thread keeps that share and the number of parallel regions (each a barrier, costly
-# when other jobs share the cores) does not grow with threads.
-CPU_CHUNK_ROWS_PER_THREAD = 8192
+# Rows per gather/matmul/scatter block on CPU. One thread: 8k rows, so the block stays in L2 across the three
+# steps (measured ~2x faster than whole offsets). More threads: 64k rows per thread, because every torch op
+# is an OpenMP region ending in a barrier, and a barrier waits a whole scheduler slice when another job holds
+# a core. Measured at 2 threads on a shared 2-core box: 16k-row blocks 0.35 s quiet but up to 10 s under
+# load; 128k-row blocks 0.47 s quiet, ~0.75 s under load.
+CPU_CHUNK_ROWS_1_THREAD = 8192
+CPU_CHUNK_ROWS_PER_THREAD = 65536
 GPU_CHUNK_ROWS = 1 << 62  # one block per offset: launches, not caches, are what cost on a GPU
 
 
@@ -25,7 +27,8 @@ def _chunk(device: torch.device, chunk: int | None) -> int:
     if chunk is not None:
         return max(int(chunk), 1)
     if device.type == "cpu":
-        return CPU_CHUNK_ROWS_PER_THREAD * max(torch.get_num_threads(), 1)
+        threads = torch.get_num_threads()
+        return CPU_CHUNK_ROWS_1_THREAD if threads <= 1 else CPU_CHUNK_ROWS_PER_THREAD * threads
     return GPU_CHUNK_ROWS
 
 
