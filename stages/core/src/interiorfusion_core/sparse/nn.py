@@ -1,0 +1,244 @@
+"""Sparse layers as ``torch.nn.Module``s: every forward takes and returns a `SparseTensor`."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import backend as _backend
+from . import ops
+from .maps import strided_map, submanifold_map, transposed_map
+from .tensor import SparseTensor, _triple
+
+
+class _ConvBase(nn.Module):
+    """Holds the canonical weight [K, Cin, Cout] (see `layout`) and an optional bias [Cout]."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | Sequence[int],
+        bias: bool,
+        backend: str | None,
+        fan_in_divisor: int = 1,
+    ) -> None:
+        super().__init__()
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.kernel_size = _triple(kernel_size, "kernel_size")
+        self.backend = backend  # None: resolved per call (argument > env var > device default)
+        volume = math.prod(self.kernel_size)
+        self.weight = nn.Parameter(torch.empty(volume, in_channels, out_channels))
+        self.bias = nn.Parameter(torch.empty(out_channels)) if bias else None
+        # nn.Conv3d's default init (uniform +-1/sqrt(fan_in)), with fan_in = inputs that reach one output.
+        bound = 1.0 / math.sqrt(max(in_channels * volume // fan_in_divisor, 1))
+        nn.init.uniform_(self.weight, -bound, bound)
+        if self.bias is not None:
+            nn.init.uniform_(self.bias, -bound, bound)
+
+    def _params(self, x: SparseTensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        w = self.weight.to(x.feats.dtype)
+        b = self.bias.to(x.feats.dtype) if self.bias is not None else None
+        return w, b
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+            f"bias={self.bias is not None}, backend={self.backend or 'auto'}"
+        )
+
+
+class SubMConv3d(_ConvBase):
+    """Submanifold conv (odd kernel): outputs exactly on the input's active voxels."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | Sequence[int] = 3,
+        bias: bool = True,
+        backend: str | None = None,
+    ) -> None:
+        super().__init__(in_channels, out_channels, kernel_size, bias, backend)
+        if any(k % 2 == 0 for k in self.kernel_size):
+            raise ValueError(f"SubMConv3d needs odd kernel sizes, got {self.kernel_size}")
+
+    def forward(self, x: SparseTensor) -> SparseTensor:
+        kmap = submanifold_map(x, self.kernel_size)
+        geometry = _backend.ConvGeometry("subm", x.coords, x.stride, x.coords, x.stride, (1, 1, 1), (0, 0, 0))
+        w, b = self._params(x)
+        return x.replace(_backend.conv(x.feats, w, b, kmap, geometry, self.backend))
+
+
+class SparseConv3d(_ConvBase):
+    """Strided (downsampling) conv with ``F.conv3d`` semantics; output voxels are all cells any input reaches.
+    Default kernel 2, stride 2: each parent cell from its 8 children."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | Sequence[int] = 2,
+        stride: int | Sequence[int] = 2,
+        padding: int | Sequence[int] = 0,
+        bias: bool = True,
+        backend: str | None = None,
+    ) -> None:
+        super().__init__(in_channels, out_channels, kernel_size, bias, backend)
+        self.stride = _triple(stride, "stride")
+        self.padding = _triple(padding, "padding")
+
+    def forward(self, x: SparseTensor) -> SparseTensor:
+        level, kmap = strided_map(x, self.kernel_size, self.stride, self.padding)
+        geometry = _backend.ConvGeometry(
+            "down", x.coords, x.stride, level.coords, level.stride, self.stride, self.padding
+        )
+        w, b = self._params(x)
+        feats = _backend.conv(x.feats, w, b, kmap, geometry, self.backend)
+        return SparseTensor(
+            level.coords, feats, level.spatial_shape, level.stride, x.batch_size, cache=level.cache
+        )
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, stride={self.stride}, padding={self.padding}"
+
+
+class SparseConvTranspose3d(_ConvBase):
+    """Transposed (upsampling) conv with ``F.conv_transpose3d`` semantics.
+
+    ``forward(x, target)`` writes onto ``target``'s voxels (e.g. the matching encoder level, whose
+    downsampling map is reused from the cache); without a target, onto every reachable cell (kernel 2,
+    stride 2: all 8 children of every input voxel).
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | Sequence[int] = 2,
+        stride: int | Sequence[int] = 2,
+        padding: int | Sequence[int] = 0,
+        bias: bool = True,
+        backend: str | None = None,
+    ) -> None:
+        ks, st = _triple(kernel_size, "kernel_size"), _triple(stride, "stride")
+        super().__init__(in_channels, out_channels, ks, bias, backend, fan_in_divisor=math.prod(st))
+        self.stride = st
+        self.padding = _triple(padding, "padding")
+
+    def forward(self, x: SparseTensor, target: SparseTensor | None = None) -> SparseTensor:
+        level, kmap = transposed_map(x, self.kernel_size, self.stride, self.padding, target)
+        geometry = _backend.ConvGeometry(
+            "up", x.coords, x.stride, level.coords, level.stride, self.stride, self.padding
+        )
+        w, b = self._params(x)
+        feats = _backend.conv(x.feats, w, b, kmap, geometry, self.backend)
+        return SparseTensor(
+            level.coords, feats, level.spatial_shape, level.stride, x.batch_size, cache=level.cache
+        )
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, stride={self.stride}, padding={self.padding}"
+
+
+class SpaceToChannel(nn.Module):
+    """2x space-to-channel (C -> 8C on the parent grid); the child mask is kept on ``self.last_child_mask``
+    only when ``keep_mask`` is set (pruning targets), to avoid holding it otherwise."""
+
+    def __init__(self, keep_mask: bool = False) -> None:
+        super().__init__()
+        self.keep_mask = keep_mask
+        self.last_child_mask: torch.Tensor | None = None
+
+    def forward(self, x: SparseTensor) -> SparseTensor:
+        out, mask = ops.space_to_channel(x)
+        self.last_child_mask = mask if self.keep_mask else None
+        return out
+
+
+class ChannelToSpace(nn.Module):
+    """2x channel-to-space (8C -> C on the children kept by ``child_mask``, or onto ``target``)."""
+
+    def forward(
+        self, x: SparseTensor, child_mask: torch.Tensor | None = None, target: SparseTensor | None = None
+    ) -> SparseTensor:
+        return ops.channel_to_space(x, child_mask, target)
+
+
+class SparseGroupNorm(nn.GroupNorm):
+    """GroupNorm with statistics per sample over that sample's active voxels (see `ops.group_norm`)."""
+
+    def forward(self, x: SparseTensor) -> SparseTensor:  # type: ignore[override]
+        return x.replace(ops.group_norm(x, self.num_groups, self.weight, self.bias, self.eps))
+
+
+class SparseLayerNorm(nn.Module):
+    """LayerNorm for sparse tensors.
+
+    ``per_voxel=False`` (default): normalise over each sample's voxels and all channels (the dense-CNN
+    "LayerNorm over C, X, Y, Z", i.e. GroupNorm with one group), per-channel affine.
+    ``per_voxel=True``: ``nn.LayerNorm`` over the channels of each voxel (transformer-style).
+    """
+
+    def __init__(
+        self, num_channels: int, eps: float = 1e-5, elementwise_affine: bool = True, per_voxel: bool = False
+    ) -> None:
+        super().__init__()
+        self.num_channels = num_channels
+        self.eps = eps
+        self.per_voxel = per_voxel
+        self.weight = nn.Parameter(torch.ones(num_channels)) if elementwise_affine else None
+        self.bias = nn.Parameter(torch.zeros(num_channels)) if elementwise_affine else None
+
+    def forward(self, x: SparseTensor) -> SparseTensor:
+        if self.per_voxel:
+            return x.replace(F.layer_norm(x.feats, (self.num_channels,), self.weight, self.bias, self.eps))
+        return x.replace(ops.group_norm(x, 1, self.weight, self.bias, self.eps))
+
+    def extra_repr(self) -> str:
+        return f"{self.num_channels}, eps={self.eps}, per_voxel={self.per_voxel}"
+
+
+class SparseActivation(nn.Module):
+    """Applies a feature-wise function (module or callable) to the features."""
+
+    def __init__(self, fn: nn.Module | Callable[[torch.Tensor], torch.Tensor]) -> None:
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x: SparseTensor) -> SparseTensor:
+        return x.replace(self.fn(x.feats))
+
+
+class SparseReLU(SparseActivation):
+    def __init__(self, inplace: bool = False) -> None:
+        super().__init__(nn.ReLU(inplace=inplace))
+
+
+class SparseSiLU(SparseActivation):
+    def __init__(self) -> None:
+        super().__init__(nn.SiLU())
+
+
+class SparseGELU(SparseActivation):
+    def __init__(self, approximate: str = "none") -> None:
+        super().__init__(nn.GELU(approximate=approximate))
+
+
+class SparseLinear(nn.Linear):
+    """Per-voxel linear layer (a 1x1x1 conv)."""
+
+    def forward(self, x: SparseTensor) -> SparseTensor:  # type: ignore[override]
+        return x.replace(super().forward(x.feats))
+
+
+class SparsePrune(nn.Module):
+    """Keeps the voxels where the given boolean mask is True."""
+
+    def forward(self, x: SparseTensor, keep: torch.Tensor) -> SparseTensor:
+        return ops.prune(x, keep)
