@@ -25,7 +25,41 @@ def build_vae(config: VAEPretrainConfig) -> SLATInteriorVAE:
     return SLATInteriorVAE(m.latent_dim, list(m.channels), m.blocks_per_level, backend)
 
 
-register_model_builder("vae_pretrain", build_vae)
+# Surface voxels of an interior at resolution N grow like its area: ≈ 4·N² (measured on the procedural rooms:
+# 4.2k at 32³, 16k at 64³, ~270k at 256³).
+SURFACE_VOXELS_PER_N2 = 4.0
+
+
+def surface_voxels(resolution: int) -> float:
+    return SURFACE_VOXELS_PER_N2 * resolution**2
+
+
+def vae_flops_per_sample(config: VAEPretrainConfig, phase: CurriculumPhase | None) -> float:
+    """Training FLOPs (forward + backward ≈ 3 × forward) of the submanifold convs, which dominate: at level l
+    a 3³ conv does 2·27·C_l² multiply-adds per voxel, on ≈ 4·(N/2^l)² voxels; two encoders and one decoder."""
+    n = phase.resolution if phase is not None else config.model.base_resolution
+    m = config.model
+    fwd = sum(3 * m.blocks_per_level * 2 * 2 * 27 * c * c * surface_voxels(n // 2**level)
+              for level, c in enumerate(m.channels))
+    return 3.0 * fwd
+
+
+def vae_activation_bytes(config: VAEPretrainConfig, phase: CurriculumPhase | None, micro_batch: int,
+                         checkpointing: bool) -> float:
+    """Saved activations: ~6 tensors of C_l floats per voxel per block (norm, act, conv in and out) in bf16."""
+    n = phase.resolution if phase is not None else config.model.base_resolution
+    m = config.model
+    per_sample = sum(3 * m.blocks_per_level * 6 * c * 2 * surface_voxels(n // 2**level)
+                     for level, c in enumerate(m.channels))
+    return micro_batch * per_sample * (0.25 if checkpointing else 1.0)
+
+
+VAE_MODEL = register_model_builder(
+    "vae_pretrain", build_vae, flops_per_sample=vae_flops_per_sample, activation_bytes=vae_activation_bytes,
+    tokens_per_sample=lambda config, phase: surface_voxels(
+        phase.resolution if phase is not None else config.model.base_resolution),
+    description="SLAT-Interior sparse VAE (two sparse-conv encoders, pruning decoder)",
+)
 
 
 def sparse_batch(batch: Mapping[str, Any], dtype: torch.dtype | None = None) -> tuple[SparseTensor, torch.Tensor]:
