@@ -105,8 +105,17 @@ def test_seed_dit_plan_beside_the_seed_table(monkeypatch: pytest.MonkeyPatch) ->
 
 
 def test_kinds_without_a_builder_fail_clearly() -> None:
-    with pytest.raises(UserError, match="no model builder is registered for config kind 'vae_pretrain'"):
-        plan(load_config(ROOT / "configs/vae_pretrain.yaml"))
+    with pytest.raises(UserError, match="no model builder is registered for config kind 'dit_material'"):
+        plan(load_config(ROOT / "configs/dit_material.yaml"))
+
+
+def test_the_seed_vae_plans_on_its_hardware() -> None:
+    p = plan(load_config(ROOT / "configs/vae_pretrain.yaml"), gpus=8, gpu="a100-80gb")
+    assert 1e7 < p.params < 1e9
+    assert [r.resolution for r in p.phases] == [256, 512, 1024]
+    # Sparse cost follows surface voxels (≈ N²): each doubling of resolution ≈ 4× the step time.
+    ratio = p.phases[1].step_time_s / p.phases[0].step_time_s
+    assert 3.5 < ratio < 4.5
 
 
 def test_unknown_gpu(tmp_path: Path) -> None:
@@ -125,7 +134,7 @@ def test_cli(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     out: Any = " ".join(result.output.split())  # rich wraps at 80 columns
     assert "4× RTX 4090 24GB" in out and "memory per GPU" in out and "estimate" in out and "$0.50" in out
-    bad = CliRunner().invoke(app, ["plan", str(ROOT / "configs/vae_pretrain.yaml")])
+    bad = CliRunner().invoke(app, ["plan", str(ROOT / "configs/dit_material.yaml")])
     assert bad.exit_code == 1 and "no model builder" in bad.output
 
 

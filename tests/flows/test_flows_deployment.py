@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO, stop
+from testservers import REPO, stop
 
 BIN = Path(sys.executable).parent
 

@@ -114,7 +114,7 @@ def test_s3_output_and_nested_mlflow_runs_on_a_server(s3_env: str, mlflow_env: s
 
 @pytest.mark.servers
 def test_unreachable_mlflow_server_is_one_sentence(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from conftest import free_port
+    from testservers import free_port
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")
     with pytest.raises(UserError, match="MLflow server at http://127.0.0.1:.* is not reachable"):
@@ -124,7 +124,7 @@ def test_unreachable_mlflow_server_is_one_sentence(tmp_path: Path, monkeypatch: 
 @pytest.mark.servers
 @pytest.mark.slow
 def test_s3_server_killed_mid_upload(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from conftest import start_s3, stop
+    from testservers import start_s3, stop
 
     from interiorfusion_core import storage
 
