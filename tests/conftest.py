@@ -20,6 +20,9 @@ _SESSION_HOME = Path(tempfile.mkdtemp(prefix="interiorfusion-tests-"))
 os.environ["INTERIORFUSION_HOME"] = str(_SESSION_HOME)
 os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{_SESSION_HOME / 'mlflow.db'}"
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# One intra-op thread per process: test processes (pytest, launched ranks, loader workers) share two cores, and
+# oversubscribed OpenMP threads spin-wait (8× slower sparse convs measured). Tests needing 2 threads set them.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ["PREFECT_HOME"] = str(_SESSION_HOME / "prefect")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "300")

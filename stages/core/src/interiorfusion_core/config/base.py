@@ -94,6 +94,8 @@ class TrainingConfig(Strict):
     max_nonfinite_skips: PositiveInt = 100
     lr_scaling: LRScalingConfig = Field(default_factory=LRScalingConfig)
     activation_checkpointing: bool = False
+    # Intra-op threads per process on CPU (None: OMP_NUM_THREADS, else cores / processes on this machine).
+    cpu_threads: PositiveInt | None = None
 
     @model_validator(mode="after")
     def _consistent(self) -> TrainingConfig:
