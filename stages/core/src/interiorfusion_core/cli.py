@@ -16,7 +16,7 @@ from interiorfusion_core.errors import UserError
 
 F = TypeVar("F", bound=Callable[..., Any])
 err_console = Console(stderr=True, highlight=False, soft_wrap=True)
-console = Console(highlight=False)
+console = Console(highlight=False, soft_wrap=True)
 
 
 def user_errors(fn: F) -> F:
