@@ -4,6 +4,7 @@ entry-point group (a typer app per name), so the CLI never needs editing when a 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 from importlib.metadata import entry_points
@@ -97,6 +98,23 @@ def stage_list(as_json: Annotated[bool, typer.Option("--json", help="Machine-rea
         console.print(f"[bold]{name:10}[/] kind={row['config_kind']:14} inputs: {ins}  {row['description']}")
 
 
+class _NoUserErrorTracebacks(logging.Filter):
+    """Prefect logs every failed task/flow with its traceback; a user error (bad config, missing input) is one
+    sentence, printed once at the end, so drop the traceback from those records."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, UserError):
+            record.exc_info = None
+            record.exc_text = None
+        return True
+
+
+def quiet_user_errors() -> None:
+    for name in ("prefect.task_runs", "prefect.flow_runs", "prefect.task_engine", "prefect.flow_engine"):
+        logging.getLogger(name).addFilter(_NoUserErrorTracebacks())
+
+
 def embedded_defaults() -> None:
     """With no servers configured, Prefect runs on a temporary local API whose state lives in the project's state
     dir; its start-up can take well over Prefect's 20 s default on a fresh machine, so allow more."""
@@ -130,6 +148,7 @@ def pipeline_run(
     if only and from_stage:
         raise UserError("use either --only or --from, not both")
     embedded_defaults()
+    quiet_user_errors()
     from interiorfusion_core.tracking import tracking_uri
     from interiorfusion_flows.pipeline import interiorfusion_pipeline, load_pipeline
 

@@ -88,7 +88,8 @@ def subprocess_command(job: StageJob) -> list[str]:
 
 
 def _stream(cmd: list[str], env: dict[str, str], log: Callable[[str], None], what: str) -> None:
-    tail: deque[str] = deque(maxlen=20)
+    # Enough lines to hold the stage's own error above torchrun's failure summary (about 15 lines).
+    tail: deque[str] = deque(maxlen=50)
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
     assert proc.stdout is not None
     for line in proc.stdout:

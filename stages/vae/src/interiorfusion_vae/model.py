@@ -127,7 +127,9 @@ class UpBlock(nn.Module):
 class SparseEncoder(nn.Module):
     def __init__(self, in_channels: int, channels: list[int], blocks: int, latent_dim: int, backend: str | None):
         super().__init__()
-        self.stem = nn.Linear(in_channels, channels[0])
+        # A 3³ conv stem, not a per-voxel linear: the geometry encoder's input is a constant 1 per voxel, so only a
+        # neighbourhood sees shape (a linear stem gives identical features that the first GroupNorm zeroes).
+        self.stem = SubMConv3d(in_channels, channels[0], 3, backend=backend)
         self.stages = nn.ModuleList(
             nn.Sequential(*[ResBlock(c, backend) for _ in range(blocks)]) for c in channels
         )
@@ -138,7 +140,7 @@ class SparseEncoder(nn.Module):
 
     def forward(self, x: SparseTensor) -> tuple[SparseTensor, SparseTensor, list[SparseTensor], list[torch.Tensor]]:
         """→ (mu, logvar) at N/16, the tensors at every level N..N/16 and the child masks of each downsampling."""
-        h = x.replace(self.stem(x.feats))
+        h = self.stem(x)
         levels, masks = [], []
         for i, stage in enumerate(self.stages):
             h = stage(h)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ import torch
 from interiorfusion_core.config.schemas import VAEPretrainConfig
 from interiorfusion_core.contract import Stage, StageContext, StageResult
 from interiorfusion_core.engine import Trainer
+from interiorfusion_core.errors import UserError
 from interiorfusion_core.sparse import SparseTensor
 from interiorfusion_data.loader import collate_scenes, open_dataset
 from interiorfusion_vae.model import SLATInteriorVAE, lookup_rows
@@ -38,6 +40,13 @@ class VAEStage(Stage):
 
     def run(self, ctx: StageContext) -> StageResult:
         config: VAEPretrainConfig = ctx.config
+        if os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3":
+            # DeepSpeed re-gathers ZeRO-3 weights for backward through hooks on module outputs that are tensors,
+            # tuples or dicts; the sparse modules return SparseTensors, so their weights would stay partitioned.
+            raise UserError(
+                "the VAE cannot train under DeepSpeed ZeRO-3 (its sparse modules return SparseTensors, whose "
+                "weights ZeRO-3 cannot re-gather for backward); launch it with configs/accelerate_deepspeed_zero2.yaml"
+            )
         data_uri = ctx.inputs["data"].uri
         result = Trainer(ctx, VAETask(config, data_uri)).fit()
         metrics = dict(result.metrics)

@@ -71,7 +71,7 @@ def _triple(v: int | Sequence[int], name: str) -> tuple[int, int, int]:
 class SparseTensor:
     """A batch of sparse voxel grids: ``coords`` [N, 4] int (batch, x, y, z) and ``feats`` [N, C]."""
 
-    __slots__ = ("batch_size", "cache", "coords", "feats", "spatial_shape", "stride")
+    # No __slots__: DeepSpeed ZeRO-3 walks module outputs with vars() to find tensors to hook.
 
     def __init__(
         self,
