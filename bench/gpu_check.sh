@@ -19,10 +19,12 @@
 # --system-site-packages would not see) and the stage packages are installed into it with
 # `pip install --no-deps -e`. If either step fails, the checks run on that interpreter with the stage sources on
 # PYTHONPATH instead (the benchmarks import them from the checkout either way).
-# Missing packages (spconv-cu126, or a dependency below): put wheels in ./gpu-check-wheels ($GPU_CHECK_WHEELS),
-# fetched on a connected machine for the GPU machine's Python (see docs/sparse.md, "GPU check"); they are
-# installed from that folder only.
+# Missing packages (spconv-cu126, or a dependency below): put wheels in ./gpu-check-wheels ($GPU_CHECK_WHEELS,
+# relative to the repository root), fetched with `pip download` on a connected machine for the GPU machine's
+# Python (see docs/sparse.md, "GPU check"); every wheel there whose distribution is not installed yet is
+# installed from that folder alone (--no-index --no-deps), so nothing already there (numpy, torch) is replaced.
 #
+# GPU_CHECK_BUDGET_S (default 480) caps the whole run: each step's timeout is cut to the time left.
 # Exit status: 0 all passed; 1 a parity check failed; 2 a benchmark failed or timed out (parity passed);
 # 3 no usable Python/torch or a dependency missing; 4 no CUDA device (and GPU_CHECK_ALLOW_CPU unset).
 
@@ -105,17 +107,41 @@ else
     PIP_TARGET=(--target "$SITE")
 fi
 
-install_wheels() {  # install from the local wheel folder only, if there is one
-    if [ -d "$WHEELS" ] && ls "$WHEELS"/*.whl >/dev/null 2>&1; then
-        echo "installing from $WHEELS (no index): $*"
-        "$PY" -m pip install --no-index --find-links "$WHEELS" --disable-pip-version-check -q \
-            "${PIP_TARGET[@]}" "$@" || echo "pip could not install $* from $WHEELS"
+# Install, from the local wheel folder only, every wheel there whose distribution is not installed yet (so a
+# numpy or torch already present is never replaced), without dependency resolution: the folder is expected to
+# hold what `pip download` resolved (the wanted packages and their dependencies).
+install_wheels() {
+    [ -d "$WHEELS" ] || return 0
+    local todo
+    todo="$("$PY" - "$WHEELS" <<'EOF'
+import importlib.metadata as md, pathlib, re, sys
+for whl in sorted(pathlib.Path(sys.argv[1]).glob("*.whl")):
+    name = re.sub(r"[-_.]+", "-", whl.name.split("-")[0]).lower()
+    try:
+        md.distribution(name)
+    except md.PackageNotFoundError:
+        print(whl)
+EOF
+)"
+    if [ -z "$todo" ]; then
+        echo "$WHEELS: every wheel there is installed already"
+        return 0
     fi
+    echo "installing from $WHEELS (no index, no dependency resolution):" $todo
+    # shellcheck disable=SC2086
+    "$PY" -m pip install --no-index --no-deps --disable-pip-version-check -q "${PIP_TARGET[@]}" $todo \
+        || echo "pip could not install the wheels from $WHEELS"
 }
-missing_modules() {
-    "$PY" - "$@" <<'EOF'
-import importlib.util, sys
-print(" ".join(m for m in sys.argv[1:] if importlib.util.find_spec(m) is None))
+missing_modules() {  # those of the named modules that do not import (absent, or broken: an ABI mismatch, say)
+    "$PY" - "$@" <<'EOF' 2>/dev/null
+import importlib, sys
+missing = []
+for name in sys.argv[1:]:
+    try:
+        importlib.import_module(name)
+    except Exception:
+        missing.append(name)
+print(" ".join(missing))
 EOF
 }
 
@@ -125,7 +151,8 @@ if [ -n "$MISSING" ]; then
     declare -A DIST=([yaml]=pyyaml [PIL]=pillow)
     PKGS=""
     for m in $MISSING; do PKGS="$PKGS ${DIST[$m]:-$m}"; done
-    install_wheels $PKGS
+    echo "missing: $PKGS"
+    install_wheels
     MISSING="$(missing_modules $REQUIRED)"
 fi
 "$PY" - <<'EOF'
@@ -151,7 +178,8 @@ print(f"torch {torch.__version__}, built for CUDA {torch.version.cuda}, cuDNN {t
 print(f"cuda available: {torch.cuda.is_available()}, devices: {torch.cuda.device_count()}")
 for i in range(torch.cuda.device_count()):
     p = torch.cuda.get_device_properties(i)
-    print(f"  cuda:{i} {p.name}, sm {p.major}.{p.minor}, {p.total_memory / 2**30:.1f} GiB, {p.multi_processor_count} SMs")
+    print(f"  cuda:{i} {p.name}, sm {p.major}.{p.minor}, {p.total_memory / 2**30:.1f} GiB,",
+          f"{p.multi_processor_count} SMs")
 '
 if "$PY" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)'; then
     DEVICE=cuda
@@ -166,8 +194,14 @@ Set GPU_CHECK_ALLOW_CPU=1 to run the same steps on CPU."
 fi
 
 section "spconv"
-[ -n "$(missing_modules spconv)" ] && install_wheels spconv-cu126
-if "$PY" -c 'import sys; from interiorfusion_core.sparse import backend_status as s; w = s()["spconv"]; print("spconv backend:", "usable" if w is None else f"not usable ({w})"); sys.exit(w is not None)'; then
+[ -n "$(missing_modules spconv)" ] && install_wheels
+if "$PY" - <<'EOF'; then
+import sys
+from interiorfusion_core.sparse import backend_status
+why = backend_status()["spconv"]
+print("spconv backend:", "usable" if why is None else f"not usable ({why})")
+sys.exit(why is not None)
+EOF
     HAVE_SPCONV=1
 else
     HAVE_SPCONV=0
@@ -183,10 +217,17 @@ fi
 
 STATUS=0
 BENCH_FAILED=""
+BUDGET="${GPU_CHECK_BUDGET_S:-480}"  # whole script; each step's timeout is cut to what is left
 run_step() {  # name, timeout seconds, command...
     local name="$1" limit="$2"
     shift 2
     section "$name"
+    local left=$((BUDGET - ($(date +%s) - STARTED)))
+    if [ "$left" -lt 30 ]; then
+        echo "$name: skipped, the ${BUDGET}s budget is spent (GPU_CHECK_BUDGET_S)"
+        return 124
+    fi
+    [ "$left" -lt "$limit" ] && limit="$left"
     echo "+ $*"
     timeout --kill-after=10 "$limit" "$@"
     local rc=$?
@@ -195,9 +236,9 @@ run_step() {  # name, timeout seconds, command...
     return "$rc"
 }
 
-if ! run_step "parity ($DEVICE)" 300 "$PY" bench/gpu_check.py --device "$DEVICE" --json "$OUT/parity.json"; then
-    STATUS=1
-fi
+run_step "parity ($DEVICE)" 300 "$PY" bench/gpu_check.py --device "$DEVICE" --json "$OUT/parity.json"
+PARITY_RC=$?
+[ "$PARITY_RC" -ne 0 ] && STATUS=1
 
 if [ "$DEVICE" = cuda ]; then
     SPARSE_ARGS=()
@@ -210,7 +251,7 @@ run_step "sparse conv benchmark ($DEVICE)" 240 "$PY" bench/sparse_conv.py --devi
     "${SPARSE_ARGS[@]}" --json "$OUT/sparse_conv.json" || BENCH_FAILED="$BENCH_FAILED sparse_conv"
 run_step "VAE scaling, smoke widths ($DEVICE)" 240 "$PY" bench/vae_scaling.py --device "$DEVICE" \
     "${VAE_ARGS[@]}" --json "$OUT/vae_scaling.json" || BENCH_FAILED="$BENCH_FAILED vae_scaling"
-if [ "$HAVE_SPCONV" = 1 ]; then
+if [ "$HAVE_SPCONV" = 1 ] && [ "$DEVICE" = cuda ]; then  # on CPU the default backend is torch already
     run_step "VAE scaling, smoke widths, torch backend ($DEVICE)" 240 "$PY" bench/vae_scaling.py \
         --device "$DEVICE" --backend torch "${VAE_ARGS[@]}" --json "$OUT/vae_scaling_torch.json" \
         || BENCH_FAILED="$BENCH_FAILED vae_scaling_torch"
@@ -240,7 +281,11 @@ EOF
 [ -n "$BENCH_FAILED" ] && echo "benchmarks that failed:$BENCH_FAILED"
 echo "results in $OUT (log: $LOG); total $(($(date +%s) - STARTED))s"
 if [ "$STATUS" -ne 0 ]; then
-    echo "GPU CHECK FAILED: parity (see the FAIL rows above and $OUT/parity.json)"
+    if [ "$PARITY_RC" -eq 1 ]; then
+        echo "GPU CHECK FAILED: parity (see the FAIL rows above and $OUT/parity.json)"
+    else
+        echo "GPU CHECK FAILED: the parity step did not complete (exit $PARITY_RC; 124 = timed out or out of budget)"
+    fi
     exit 1
 fi
 [ -n "$BENCH_FAILED" ] && exit 2
