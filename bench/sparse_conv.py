@@ -2,6 +2,11 @@
 interior shell (room walls/floor/ceiling plus furniture-box surfaces), per backend and thread count.
 
     python bench/sparse_conv.py [--json out.json] [--scene shell] [--resolution 256] [--voxels 200000]
+    python bench/sparse_conv.py --device cuda [--json out.json]
+
+On CUDA: the torch backend, spconv's own SubMConv3d with its Native algorithm and with its CUDA default
+(MaskImplicitGemm), and the spconv backend (spconv's Native kernels on our maps), each timed with
+torch.cuda.synchronize() around every run; --threads applies to CPU runs only.
 
 Reports, per case, the neighbour-map build alone, forward+backward with the map cached (what every layer
 after the first pays in a U-Net), and forward+backward including a fresh map build; each as the best and
@@ -68,16 +73,26 @@ SCENES: dict[str, Callable[[int, int, int], torch.Tensor]] = {"shell": interior_
 
 
 # ---- timing -----------------------------------------------------------------------------------------------
+def sync() -> None:
+    """Wait for queued CUDA work (no-op without CUDA), so wall times cover the kernels, not their launch."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 def measure(fn: Callable[[], object], reps: int, warmup: int = 1, slow_s: float = 3.0) -> dict[str, float]:
     walls, cpus = [], []
     for _ in range(warmup):
+        sync()
         t0 = time.perf_counter()
         fn()
+        sync()
         if time.perf_counter() - t0 > slow_s:
             reps = min(reps, 2)  # a contended machine: keep the whole run near its time budget
     for _ in range(reps):
+        sync()
         c0, t0 = time.process_time(), time.perf_counter()
         fn()
+        sync()
         walls.append(time.perf_counter() - t0)
         cpus.append(time.process_time() - c0)
     return {"best_s": min(walls), "median_s": statistics.median(walls), "cpu_best_s": min(cpus), "runs": reps}
@@ -95,7 +110,7 @@ def ours_case(
     reps: int,
 ) -> tuple[dict, torch.Tensor]:
     torch.set_num_threads(threads)
-    conv = SubMConv3d(32, 32, 3, backend=backend)
+    conv = SubMConv3d(32, 32, 3, backend=backend).to(feats.device)
     with torch.no_grad():
         conv.weight.copy_(weight)
         conv.bias.copy_(bias)
@@ -126,23 +141,28 @@ def spconv_native_case(
     bias: torch.Tensor,
     resolution: int,
     reps: int,
+    algo: str = "Native",
 ) -> tuple[dict, torch.Tensor]:
-    """spconv's own SubMConv3d and map builder on [b, z, y, x] indices (1 thread: its CPU kernels race)."""
+    """spconv's own SubMConv3d and map builder on [b, z, y, x] indices (1 thread: its CPU kernels race).
+    ``algo``: spconv's ConvAlgo name; only Native exists on CPU, MaskImplicitGemm is its CUDA default."""
     import spconv.pytorch as spconv
+    from spconv.pytorch import ops
+    from spconv.pytorch.core import ConvAlgo
 
     torch.set_num_threads(1)
-    m = spconv.SubMConv3d(32, 32, 3, bias=True, indice_key="bench")
+    conv_algo = getattr(ConvAlgo, algo)
+    m = spconv.SubMConv3d(32, 32, 3, bias=True, indice_key="bench", algo=conv_algo).to(feats.device)
     with torch.no_grad():
         m.weight.copy_(to_spconv(weight, (3, 3, 3)))
         m.bias.copy_(bias)
     idx = coords_to_spconv(coords)
     f = feats.clone().requires_grad_()
-    cpu = torch.device("cpu")
+    device = feats.device
 
     def step(st) -> torch.Tensor:
         m.zero_grad(set_to_none=True)
         f.grad = None
-        with bspconv.cpu_guard(cpu):
+        with bspconv.cpu_guard(device):
             y = m(st)
             y.features.backward(grad)
         return y.features
@@ -150,13 +170,14 @@ def spconv_native_case(
     fresh = lambda: spconv.SparseConvTensor(f, idx, [resolution] * 3, 1)  # noqa: E731
     base = fresh()
     out = step(base).detach()  # fills base.indice_dict: later steps on base reuse spconv's map
-    with bspconv.cpu_guard(cpu):
-        from spconv.pytorch import ops
-        from spconv.pytorch.core import ConvAlgo
-
-        map_fn = lambda: ops.get_indice_pairs(  # noqa: E731
-            idx, 1, [resolution] * 3, ConvAlgo.Native, [3] * 3, [1] * 3, [1] * 3, [1] * 3, [0] * 3, subm=True
+    geometry = ([3] * 3, [1] * 3, [1] * 3, [1] * 3, [0] * 3)  # ksize, stride, padding, dilation, out_padding
+    if conv_algo == ConvAlgo.Native:
+        map_fn = lambda: ops.get_indice_pairs(idx, 1, [resolution] * 3, conv_algo, *geometry, subm=True)  # noqa: E731
+    else:
+        map_fn = lambda: ops.get_indice_pairs_implicit_gemm(  # noqa: E731
+            idx, 1, [resolution] * 3, conv_algo, *geometry, subm=True, is_train=True
         )
+    with bspconv.cpu_guard(device):
         map_build = measure(map_fn, reps)
     result = {
         "map_build": map_build,
@@ -173,12 +194,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--resolution", type=int, default=256)
     ap.add_argument("--voxels", type=int, default=200_000)
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
     ap.add_argument(
-        "--threads", type=int, nargs="+", default=[1, 2], help="thread counts for the torch backend"
+        "--threads", type=int, nargs="+", default=[1, 2], help="thread counts for the torch backend on CPU"
     )
     ap.add_argument("--json", type=Path, help="also write the results here")
     args = ap.parse_args(argv)
 
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    if cuda and not torch.cuda.is_available():
+        print(f"--device {args.device}: torch {torch.__version__} sees no CUDA device", file=sys.stderr)
+        return 2
+    if cuda:
+        torch.cuda.set_device(device)
     threads_before = torch.get_num_threads()
     t0 = time.perf_counter()
     coords3 = SCENES[args.scene](args.resolution, args.voxels, 0)
@@ -189,15 +218,20 @@ def main(argv: list[str] | None = None) -> int:
     grad = torch.randn(n, 32, generator=g)
     weight = torch.randn(27, 32, 32, generator=g) / (27 * 32) ** 0.5
     bias = torch.randn(32, generator=g) * 0.1
+    coords, feats, grad, weight, bias = (t.to(device) for t in (coords, feats, grad, weight, bias))
     kmap = build_submanifold_map(coords, (args.resolution,) * 3, 1, (3, 3, 3))
     pairs = kmap.num_pairs()
     print(
         f"scene={args.scene} resolution={args.resolution}^3 voxels={n} pairs={pairs} "
         f"({pairs / n:.2f} per voxel) scene build {time.perf_counter() - t0:.1f}s"
     )
+    where = (
+        f"{torch.cuda.get_device_name(device)}, CUDA {torch.version.cuda}"
+        if cuda
+        else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads available"
+    )
     print(
-        f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
-        f"{torch.get_num_threads()} threads available; backends: "
+        f"torch {torch.__version__} on {device} ({where}); backends: "
         + ", ".join(f"{k}={'yes' if v is None else 'no'}" for k, v in backend_status().items())
     )
 
@@ -214,16 +248,25 @@ def main(argv: list[str] | None = None) -> int:
         )
 
     status = backend_status()
-    for th in args.threads:
+    # On CUDA the thread count does not matter for the kernels: one torch run, labelled with the threads it had.
+    torch_threads = [threads_before] if cuda else args.threads
+    for th in torch_threads:
         res, out = ours_case(coords, feats, grad, weight, bias, args.resolution, "torch", th, args.reps)
         record("torch", th, res, out, "pure PyTorch (reference)")
     if status["spconv"] is None:
         res, out = spconv_native_case(coords, feats, grad, weight, bias, args.resolution, args.reps)
-        record("spconv-native", 1, res, out, "spconv's own module + maps")
+        record("spconv-native", 1, res, out, "spconv's own module + maps, Native algo")
+        if cuda:
+            res, out = spconv_native_case(
+                coords, feats, grad, weight, bias, args.resolution, args.reps, algo="MaskImplicitGemm"
+            )
+            record("spconv-igemm", 1, res, out, "spconv's own module + maps, MaskImplicitGemm (CUDA default)")
         res, out = ours_case(coords, feats, grad, weight, bias, args.resolution, "spconv", 1, args.reps)
-        record("spconv", 1, res, out, "backend: spconv kernels on our maps")
+        record("spconv", 1, res, out, "backend: spconv Native kernels on our maps")
+    else:
+        print(f"spconv: not usable here ({status['spconv']}); torch backend only")
     if status["minkowski"] is None:
-        for th in args.threads:
+        for th in torch_threads:
             res, out = ours_case(
                 coords, feats, grad, weight, bias, args.resolution, "minkowski", th, args.reps
             )
@@ -239,35 +282,53 @@ def main(argv: list[str] | None = None) -> int:
     print("\n" + hdr + "\n" + "-" * len(hdr))
     for c in cases:
         print(
-            f"{c['backend']:<14}{c['threads']:>4}{c['map_build']['best_s']:>11.3f}"
-            f"{c['fwd_bwd_cached_map']['best_s']:>10.3f}{c['fwd_bwd_cached_map']['median_s']:>10.3f}"
-            f"{c['fwd_bwd_cached_map']['cpu_best_s']:>8.3f}{c['fwd_bwd_with_map']['best_s']:>13.3f}"
+            f"{c['backend']:<14}{c['threads']:>4}{c['map_build']['best_s']:>11.4f}"
+            f"{c['fwd_bwd_cached_map']['best_s']:>10.4f}{c['fwd_bwd_cached_map']['median_s']:>10.4f}"
+            f"{c['fwd_bwd_cached_map']['cpu_best_s']:>8.3f}{c['fwd_bwd_with_map']['best_s']:>13.4f}"
             f"{c['max_abs_diff_vs_torch']:>11.1e}  {c['note']}"
             + (" [slow warm-up: 2 runs]" if c["fwd_bwd_cached_map"]["runs"] < args.reps else "")
         )
     print(
-        f"(seconds; best wall of {args.reps} runs after a warm-up unless marked; cpu = best process CPU time)"
+        f"(seconds; best wall of {args.reps} runs after a warm-up unless marked; cpu = best process CPU time"
+        + ("; CUDA synchronised before and after every run)" if cuda else ")")
     )
 
     ratios = {}
-    native = next((c for c in cases if c["backend"] == "spconv-native"), None)
-    if native is not None:
-        torch_cases = [c for c in cases if c["backend"] == "torch"]
+    torch_cases = [c for c in cases if c["backend"] == "torch"]
+    for other in ("spconv-native", "spconv-igemm", "spconv"):
+        ref = next((c for c in cases if c["backend"] == other), None)
+        if ref is None:
+            continue
         for c in torch_cases:
+            tag = "" if cuda else f"_{c['threads']}t"
             for key in ("fwd_bwd_cached_map", "fwd_bwd_with_map"):
-                r = c[key]["best_s"] / native[key]["best_s"]
-                ratios[f"torch_{c['threads']}t/spconv-native_1t {key}"] = r
-            if c["threads"] == 1:  # CPU time compares fairly only without thread parallelism
+                ratios[f"torch{tag}/{other}{'' if cuda else '_1t'} {key}"] = c[key]["best_s"] / ref[key]["best_s"]
+            if c["threads"] == 1 and not cuda:  # CPU time compares fairly only without thread parallelism
                 key = "fwd_bwd_cached_map"
-                r = c[key]["cpu_best_s"] / native[key]["cpu_best_s"]
-                ratios[f"torch_1t/spconv-native_1t {key} (cpu time)"] = r
-        print("\nratio torch / spconv-native (1 thread), same run (best wall unless marked):")
+                r = c[key]["cpu_best_s"] / ref[key]["cpu_best_s"]
+                ratios[f"torch_1t/{other}_1t {key} (cpu time)"] = r
+    if ratios:
+        print("\nratio torch / spconv, same run (best wall unless marked; > 1: spconv faster):")
         for k, v in ratios.items():
-            print(f"  {k:<50} {v:5.2f}x")
+            print(f"  {k:<55} {v:6.2f}x")
     total = time.perf_counter() - t0
     print(f"\ntotal benchmark time {total:.0f}s")
     if args.json:
+        key = "fwd_bwd_cached_map"
+        best_torch = min(torch_cases, key=lambda c: c[key]["best_s"])
+        spconvs = [c for c in cases if c["backend"].startswith("spconv")]
+        best_sp = min(spconvs, key=lambda c: c[key]["best_s"]) if spconvs else None
+        headline = {"device": device.type, "torch_fwd_bwd_s": round(best_torch[key]["best_s"], 5)}
+        if best_sp is not None:
+            headline |= {
+                "spconv_fwd_bwd_s": round(best_sp[key]["best_s"], 5),
+                "spconv_case": best_sp["backend"],
+                "torch/spconv": round(best_torch[key]["best_s"] / best_sp[key]["best_s"], 3),
+            }
         payload = {
+            "headline": headline,
+            "device": str(device),
+            "device_name": torch.cuda.get_device_name(device) if cuda else platform.processor() or platform.machine(),
             "scene": args.scene,
             "resolution": args.resolution,
             "voxels": n,
