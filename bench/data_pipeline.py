@@ -12,52 +12,18 @@ is ≤ 2 s per scene per core at 256³ / 4 × 256 px. Part 2 streams the written
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
-import shutil
-import signal
-import socket
-import subprocess
-import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Any
 
 from interiorfusion_core.storage import LocalStore, open_store
+from interiorfusion_core.testing import start_s3, stop
 from interiorfusion_data.config import DataStageConfig
 from interiorfusion_data.loader import SceneLoader, open_dataset
 from interiorfusion_data.pipeline import write_dataset
-
-
-def start_rclone(root: Path) -> tuple[subprocess.Popen, dict[str, str]]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    rclone = shutil.which("rclone") or str(Path(sys.executable).parent / "rclone")
-    proc = subprocess.Popen(
-        [rclone, "serve", "s3", str(root), "--addr", f"127.0.0.1:{port}", "--auth-key", "bench,bench-secret",
-         "--vfs-cache-mode", "off"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )
-    endpoint = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            urllib.request.urlopen(endpoint, timeout=2).read()
-            break
-        except urllib.error.HTTPError:
-            break
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("rclone serve s3 did not start") from None
-            time.sleep(0.2)
-    env = {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench-secret",
-           "AWS_DEFAULT_REGION": "us-east-1"}
-    return proc, env
 
 
 def loader_rate(uri: str, workers: int, epochs: int, resolution: int, batch: int) -> dict[str, float]:
@@ -119,7 +85,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                "bytes_per_sample": summary.metrics.get("mean_bytes")}
 
         local = loader_rate(str(out), args.workers, args.epochs, args.resolution, 2)
-        proc, env = start_rclone(work / "s3root")
+        server = start_s3(work / "s3root", bucket="bench")
+        env = server.env()
         saved = {k: os.environ.get(k) for k in env}
         try:
             os.environ.update(env)
@@ -133,9 +100,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     os.environ.pop(k, None)
                 else:
                     os.environ[k] = v
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(10)
+            stop(server.proc)
         results["loader"] = {"local": local, "s3": remote, "s3_over_local": remote["samples_per_s"] /
                              local["samples_per_s"]}
         assert open_store(str(out)).exists("dataset.json")

@@ -2,87 +2,11 @@
 
 from __future__ import annotations
 
-import contextlib
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
-import urllib.error
-import urllib.request
-from dataclasses import dataclass
 from pathlib import Path
 
+from interiorfusion_core.testing import BIN, S3Server, free_port, start_s3, stop, wait_http
+
 REPO = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_http(url: str, timeout: float, proc: subprocess.Popen | None = None, log: Path | None = None) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            tail = log.read_text()[-2000:] if log and log.exists() else ""
-            raise RuntimeError(f"server exited with {proc.returncode} before answering {url}:\n{tail}")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as resp:
-                resp.read()
-                return
-        except urllib.error.HTTPError:
-            return  # it answers; a 4xx on an unauthenticated probe is fine
-        except OSError:
-            time.sleep(0.2)
-    raise RuntimeError(f"{url} did not answer within {timeout:.0f} s")
-
-
-def stop(proc: subprocess.Popen, timeout: float = 10) -> None:
-    if proc.poll() is not None:
-        return
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout)
-    except (subprocess.TimeoutExpired, ProcessLookupError):
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(5)
-
-
-@dataclass
-class S3Server:
-    endpoint: str
-    key: str
-    secret: str
-    root: Path
-    bucket: str
-    proc: subprocess.Popen
-
-    def env(self) -> dict[str, str]:
-        return {
-            "AWS_ENDPOINT_URL": self.endpoint,
-            "AWS_ACCESS_KEY_ID": self.key,
-            "AWS_SECRET_ACCESS_KEY": self.secret,
-            "AWS_DEFAULT_REGION": "us-east-1",
-        }
-
-
-def start_s3(root: Path, bucket: str = "test-bucket") -> S3Server:
-    (root / bucket).mkdir(parents=True, exist_ok=True)
-    port = free_port()
-    key, secret = "interiorfusion", "interiorfusion-secret"
-    log = root.parent / f"rclone-{port}.log"
-    proc = subprocess.Popen(
-        [str(BIN / "rclone"), "serve", "s3", str(root), "--addr", f"127.0.0.1:{port}",
-         "--auth-key", f"{key},{secret}", "--vfs-cache-mode", "off"],
-        stdout=open(log, "wb"), stderr=subprocess.STDOUT, start_new_session=True,
-    )
-    endpoint = f"http://127.0.0.1:{port}"
-    wait_http(endpoint, 30, proc, log)
-    return S3Server(endpoint, key, secret, root, bucket, proc)
+__all__ = ["BIN", "REPO", "S3Server", "free_port", "start_s3", "stop", "wait_http"]
 
 

@@ -2,18 +2,11 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -114,60 +107,9 @@ def test_interrupted_run_resumes_and_adopts_written_shards(tmp_path: Path, monke
 
 
 # ---------------------------------------------------------------------------------------------- S3
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def rclone_s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
-    """A real S3 server: `rclone serve s3` on a free port over a temp dir (bucket = sub-directory)."""
-    root = tmp_path_factory.mktemp("s3")
-    bucket = "data-bucket"
-    (root / bucket).mkdir()
-    port = _free_port()
-    key, secret = "datakey", "datasecret"
-    log = open(root.parent / f"rclone-{port}.log", "wb")
-    proc = subprocess.Popen(
-        [str(Path(sys.executable).parent / "rclone"), "serve", "s3", str(root), "--addr", f"127.0.0.1:{port}",
-         "--auth-key", f"{key},{secret}", "--vfs-cache-mode", "off"],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )
-    endpoint = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            urllib.request.urlopen(endpoint, timeout=2).read()
-            break
-        except urllib.error.HTTPError:
-            break
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"rclone serve s3 did not start (exit {proc.poll()})") from None
-            time.sleep(0.2)
-    yield {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": key, "AWS_SECRET_ACCESS_KEY": secret,
-           "AWS_DEFAULT_REGION": "us-east-1", "bucket": bucket}
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGTERM)
-    proc.wait(10)
-    log.close()
-
-
-@pytest.fixture
-def s3_prefix(rclone_s3: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
-    from interiorfusion_core import storage
-
-    for name, value in rclone_s3.items():
-        if name != "bucket":
-            monkeypatch.setenv(name, value)
-    storage._S3_CLIENTS.clear()
-    yield f"s3://{rclone_s3['bucket']}/run-{uuid.uuid4().hex[:8]}"
-    storage._S3_CLIENTS.clear()
-
-
 @pytest.mark.servers
-def test_stage_writes_to_s3_and_the_loader_streams_it_back(s3_prefix: str, tmp_path: Path) -> None:
+def test_stage_writes_to_s3_and_the_loader_streams_it_back(s3_env: str, tmp_path: Path) -> None:
+    s3_prefix = s3_env
     outcome = run_stage("data", SMOKE, output=s3_prefix, overrides=["num_scenes=4", "render.views=1"])
     assert outcome.uri == s3_prefix
     manifest = read_manifest(s3_prefix)
