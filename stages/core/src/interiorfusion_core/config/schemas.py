@@ -146,14 +146,19 @@ class StructureLossConfig(Strict):
     depth_guidance: LossTerm = LossTerm(weight=0.3)
 
 
-class DiTStructureConfig(StageConfig):
-    kind: Literal["dit_structure"] | None = None
+class DiTStageConfig(StageConfig):
+    """What both DiT stages share: the backbone, optimisation, data and the flow-matching law."""
+
     model: DiTModelConfig = Field(default_factory=DiTModelConfig)
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     data: DataLoaderConfig = Field(default_factory=DataLoaderConfig)
     flow_matching: FlowMatchingConfig = Field(default_factory=FlowMatchingConfig)
+
+
+class DiTStructureConfig(DiTStageConfig):
+    kind: Literal["dit_structure"] | None = None
     loss: StructureLossConfig = Field(default_factory=StructureLossConfig)
 
 
@@ -165,14 +170,8 @@ class MaterialLossConfig(Strict):
     rendering: LossTerm = LossTerm(weight=0.5, type="mse")
 
 
-class DiTMaterialConfig(StageConfig):
+class DiTMaterialConfig(DiTStageConfig):
     kind: Literal["dit_material"] | None = None
-    model: DiTModelConfig = Field(default_factory=DiTModelConfig)
-    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
-    scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
-    training: TrainingConfig = Field(default_factory=TrainingConfig)
-    data: DataLoaderConfig = Field(default_factory=DataLoaderConfig)
-    flow_matching: FlowMatchingConfig = Field(default_factory=FlowMatchingConfig)
     loss: MaterialLossConfig = Field(default_factory=MaterialLossConfig)
     lpips_weights: PretrainedRef = PretrainedRef(source="lpips:vgg")
 
