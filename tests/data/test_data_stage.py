@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 from typer.testing import CliRunner
 
 from interiorfusion_core.config import load_config
@@ -52,8 +53,11 @@ def test_stage_run_writes_shards_manifest_and_preview(tmp_path: Path) -> None:
     assert manifest.stage == "data" and manifest.outputs["train"] == "train"
     assert {"dataset.json", "preview.png", "train/shard-000000.tar", "train/shard-000000.idx.json"} <= set(
         manifest.artifacts)
-    assert manifest.metrics["scenes"] == 6 and manifest.metrics["train_samples"] == 4
+    scenes = yaml.safe_load(SMOKE.read_text())["num_scenes"]
     info = json.loads((out / "dataset.json").read_text())
+    assert manifest.metrics["scenes"] == scenes
+    assert manifest.metrics["train_samples"] == info["splits"]["train"]["num_samples"]
+    assert 0.5 * scenes <= manifest.metrics["train_samples"] < scenes
     assert info["resolutions"] == [32, 64] and info["image_size"] == 64
     ds = open_dataset(str(out), "train")  # verified against the manifest
     batch = next(iter(SceneLoader(ds, 2, resolution=32)))
