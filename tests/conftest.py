@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 from testservers import BIN, REPO, S3Server, free_port, start_s3, stop, wait_http  # noqa: F401
 
+from interiorfusion_core.testing import start_mlflow
+
 # Never write into the repository's own .interiorfusion/ from tests; every test session gets a fresh home.
 _SESSION_HOME = Path(tempfile.mkdtemp(prefix="interiorfusion-tests-"))
 os.environ["INTERIORFUSION_HOME"] = str(_SESSION_HOME)
@@ -63,17 +65,7 @@ class MlflowServer:
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowServer]:
     root = tmp_path_factory.mktemp("mlflow-server")
-    port = free_port()
-    log = root / "server.log"
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    proc = subprocess.Popen(
-        [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-         "--default-artifact-root", (root / "artifacts").as_uri()],
-        stdout=open(log, "wb"), stderr=subprocess.STDOUT, env=env, start_new_session=True,
-    )
-    uri = f"http://127.0.0.1:{port}"
-    wait_http(f"{uri}/health", 120, proc, log)
+    uri, proc = start_mlflow(root, ["--default-artifact-root", (root / "artifacts").as_uri()])
     yield MlflowServer(uri, proc)
     stop(proc)
 

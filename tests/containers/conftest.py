@@ -91,21 +91,13 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimpleNa
     """The MLflow server of tests/conftest.py, but serving artifacts itself (`--artifacts-destination`), as a
     team server must for containers: with a plain `--default-artifact-root file://...` the MLflow client in a
     container writes artifacts into the container's own file system. `mlflow_env` picks this one up here."""
-    from testservers import BIN, free_port, stop, wait_http
+    from testservers import stop
+
+    from interiorfusion_core.testing import start_mlflow
 
     root = tmp_path_factory.mktemp("mlflow-proxied")
-    port = free_port()
-    log = root / "server.log"
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    proc = subprocess.Popen(
-        [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-         "--serve-artifacts", "--artifacts-destination", str(root / "artifacts")],
-        stdout=open(log, "wb"), stderr=subprocess.STDOUT, env=env, start_new_session=True,
-    )
-    uri = f"http://127.0.0.1:{port}"
+    uri, proc = start_mlflow(root, ["--serve-artifacts", "--artifacts-destination", str(root / "artifacts")])
     try:
-        wait_http(f"{uri}/health", 120, proc, log)
         yield SimpleNamespace(uri=uri, proc=proc, artifacts=root / "artifacts")
     finally:
         stop(proc)

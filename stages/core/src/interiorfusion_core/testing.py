@@ -86,3 +86,21 @@ def start_s3(root: Path, bucket: str = "test-bucket") -> S3Server:
     endpoint = f"http://127.0.0.1:{port}"
     wait_http(endpoint, 30, proc, log)
     return S3Server(endpoint, key, secret, root, bucket, proc)
+
+
+def start_mlflow(root: Path, artifact_args: list[str]) -> tuple[str, subprocess.Popen]:
+    """`mlflow server` (SQLite under `root`, 1 worker, no job runner) on a free port; `artifact_args` say where
+    artifacts go, e.g. `["--default-artifact-root", uri]` or `["--serve-artifacts", "--artifacts-destination", dir]`.
+    Returns (tracking URI, process) once /health answers."""
+    port = free_port()
+    log = root / "server.log"
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    with open(log, "wb") as out:  # the child keeps its own descriptor
+        proc = subprocess.Popen(
+            [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+             "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", *artifact_args],
+            stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+        )
+    uri = f"http://127.0.0.1:{port}"
+    wait_http(f"{uri}/health", 120, proc, log)
+    return uri, proc
