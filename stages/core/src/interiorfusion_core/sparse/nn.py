@@ -11,7 +11,7 @@ from torch import nn
 
 from . import backend as _backend
 from . import ops
-from .maps import strided_map, submanifold_map, transposed_map
+from .maps import KernelMap, strided_map, submanifold_map, transposed_map
 from .tensor import SparseTensor, _triple
 
 
@@ -75,7 +75,27 @@ class SubMConv3d(_ConvBase):
         return x.replace(_backend.conv(x.feats, w, b, kmap, geometry, self.backend))
 
 
-class SparseConv3d(_ConvBase):
+class _LevelConv(_ConvBase):
+    """A conv from one level's voxels onto another's (strided or transposed); subclasses set stride/padding."""
+
+    stride: tuple[int, int, int]
+    padding: tuple[int, int, int]
+
+    def _onto_level(self, x: SparseTensor, level: SparseTensor, kmap: KernelMap, kind: str) -> SparseTensor:
+        geometry = _backend.ConvGeometry(
+            kind, x.coords, x.stride, level.coords, level.stride, self.stride, self.padding
+        )
+        w, b = self._params(x)
+        feats = _backend.conv(x.feats, w, b, kmap, geometry, self.backend)
+        return SparseTensor(
+            level.coords, feats, level.spatial_shape, level.stride, x.batch_size, cache=level.cache
+        )
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, stride={self.stride}, padding={self.padding}"
+
+
+class SparseConv3d(_LevelConv):
     """Strided (downsampling) conv with ``F.conv3d`` semantics; output voxels are all cells any input reaches.
     Default kernel 2, stride 2: each parent cell from its 8 children."""
 
@@ -95,20 +115,11 @@ class SparseConv3d(_ConvBase):
 
     def forward(self, x: SparseTensor) -> SparseTensor:
         level, kmap = strided_map(x, self.kernel_size, self.stride, self.padding)
-        geometry = _backend.ConvGeometry(
-            "down", x.coords, x.stride, level.coords, level.stride, self.stride, self.padding
-        )
-        w, b = self._params(x)
-        feats = _backend.conv(x.feats, w, b, kmap, geometry, self.backend)
-        return SparseTensor(
-            level.coords, feats, level.spatial_shape, level.stride, x.batch_size, cache=level.cache
-        )
-
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, stride={self.stride}, padding={self.padding}"
+        return self._onto_level(x, level, kmap, "down")
 
 
-class SparseConvTranspose3d(_ConvBase):
+
+class SparseConvTranspose3d(_LevelConv):
     """Transposed (upsampling) conv with ``F.conv_transpose3d`` semantics.
 
     ``forward(x, target)`` writes onto ``target``'s voxels (e.g. the matching encoder level, whose
@@ -133,17 +144,8 @@ class SparseConvTranspose3d(_ConvBase):
 
     def forward(self, x: SparseTensor, target: SparseTensor | None = None) -> SparseTensor:
         level, kmap = transposed_map(x, self.kernel_size, self.stride, self.padding, target)
-        geometry = _backend.ConvGeometry(
-            "up", x.coords, x.stride, level.coords, level.stride, self.stride, self.padding
-        )
-        w, b = self._params(x)
-        feats = _backend.conv(x.feats, w, b, kmap, geometry, self.backend)
-        return SparseTensor(
-            level.coords, feats, level.spatial_shape, level.stride, x.batch_size, cache=level.cache
-        )
+        return self._onto_level(x, level, kmap, "up")
 
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, stride={self.stride}, padding={self.padding}"
 
 
 class SpaceToChannel(nn.Module):
