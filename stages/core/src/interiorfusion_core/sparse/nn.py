@@ -87,9 +87,7 @@ class _LevelConv(_ConvBase):
         )
         w, b = self._params(x)
         feats = _backend.conv(x.feats, w, b, kmap, geometry, self.backend)
-        return SparseTensor(
-            level.coords, feats, level.spatial_shape, level.stride, x.batch_size, cache=level.cache
-        )
+        return SparseTensor(level.coords, feats, level.spatial_shape, level.stride, x.batch_size, cache=level.cache)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, stride={self.stride}, padding={self.padding}"
@@ -118,7 +116,6 @@ class SparseConv3d(_LevelConv):
         return self._onto_level(x, level, kmap, "down")
 
 
-
 class SparseConvTranspose3d(_LevelConv):
     """Transposed (upsampling) conv with ``F.conv_transpose3d`` semantics.
 
@@ -145,7 +142,6 @@ class SparseConvTranspose3d(_LevelConv):
     def forward(self, x: SparseTensor, target: SparseTensor | None = None) -> SparseTensor:
         level, kmap = transposed_map(x, self.kernel_size, self.stride, self.padding, target)
         return self._onto_level(x, level, kmap, "up")
-
 
 
 class SpaceToChannel(nn.Module):
