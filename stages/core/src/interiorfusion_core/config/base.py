@@ -75,6 +75,8 @@ class LRScalingConfig(Strict):
 class TrainingConfig(Strict):
     """The seed's `training:` section plus the engine's own knobs (all defaulted)."""
 
+    # The seed's fine-tuning configs put the learning rate here; when set it replaces `optimizer.lr`.
+    lr: PositiveFloat | None = None
     batch_size: PositiveInt = 1
     num_gpus: PositiveInt = 1
     effective_batch_size: PositiveInt | None = None
@@ -132,3 +134,30 @@ class LossTerm(Strict):
     weight: NonNegativeFloat = 1.0
     type: Literal["l1", "l2", "mse", "cosine", "lpips", "bce"] | None = None
     network: Literal["vgg", "alex", "squeeze"] | None = None
+
+
+class PretrainedRef(Strict):
+    """A frozen network: local path or hub id. `random_init` is for tests and smoke configs only."""
+
+    source: str
+    random_init: bool = False
+
+
+class StageConfig(Strict):
+    """Base of every stage config. `kind` is optional in files; it is detected from content."""
+
+    kind: str | None = None
+
+
+class TrainableStageConfig(StageConfig):
+    """What the training engine reads: every config of a stage that trains derives from this, so a missing
+    section is a load-time error of the stage's schema, never an AttributeError mid-run."""
+
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+
+    @property
+    def base_lr(self) -> float:
+        """`training.lr` where a config keeps it there (the seed's fine-tuning configs), else `optimizer.lr`."""
+        return float(self.training.lr if self.training.lr is not None else self.optimizer.lr)

@@ -26,25 +26,15 @@ from interiorfusion_core.config.base import (
     OptimizerConfig,
     PositiveFloat,
     PositiveInt,
+    PretrainedRef,
     Probability,
     SchedulerConfig,
+    StageConfig,
     Strict,
+    TrainableStageConfig,
     TrainingConfig,
     check_resolution,
 )
-
-
-class StageConfig(Strict):
-    """Base of every stage config. `kind` is optional in files; it is detected from content."""
-
-    kind: str | None = None
-
-
-class PretrainedRef(Strict):
-    """A frozen network: local path or hub id. `random_init` is for tests and smoke configs only."""
-
-    source: str
-    random_init: bool = False
 
 
 # ---------------------------------------------------------------------------------------------- VAE
@@ -91,12 +81,10 @@ class VAEEncodeConfig(Strict):
     eval_samples: PositiveInt = 8
 
 
-class VAEPretrainConfig(StageConfig):
+class VAEPretrainConfig(TrainableStageConfig):
     kind: Literal["vae_pretrain"] | None = None
     model: VAEModelConfig = Field(default_factory=VAEModelConfig)
-    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     scheduler: SchedulerConfig = Field(default_factory=lambda: SchedulerConfig(type="cosine_with_restarts"))
-    training: TrainingConfig = Field(default_factory=TrainingConfig)
     data: DataLoaderConfig = Field(default_factory=DataLoaderConfig)
     loss: VAELossConfig = Field(default_factory=VAELossConfig)
     encode: VAEEncodeConfig = Field(default_factory=VAEEncodeConfig)
@@ -146,13 +134,10 @@ class StructureLossConfig(Strict):
     depth_guidance: LossTerm = LossTerm(weight=0.3)
 
 
-class DiTStageConfig(StageConfig):
+class DiTStageConfig(TrainableStageConfig):
     """What both DiT stages share: the backbone, optimisation, data and the flow-matching law."""
 
     model: DiTModelConfig = Field(default_factory=DiTModelConfig)
-    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
-    scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
-    training: TrainingConfig = Field(default_factory=TrainingConfig)
     data: DataLoaderConfig = Field(default_factory=DataLoaderConfig)
     flow_matching: FlowMatchingConfig = Field(default_factory=FlowMatchingConfig)
 
@@ -186,17 +171,10 @@ class LoRAConfig(Strict):
     dropout: Probability = 0.0
 
 
-class FinetuneTrainingConfig(TrainingConfig):
-    # The seed's fine-tuning configs put the learning rate under `training:`.
-    lr: PositiveFloat = 1.0e-5
-
-
-class FinetuneLoRAConfig(StageConfig):
+class FinetuneLoRAConfig(TrainableStageConfig):
     kind: Literal["finetune_lora"] | None = None
     lora: LoRAConfig = Field(default_factory=LoRAConfig)
-    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
-    scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
-    training: FinetuneTrainingConfig = Field(default_factory=FinetuneTrainingConfig)
+    training: TrainingConfig = Field(default_factory=lambda: TrainingConfig(lr=1.0e-5))
     data: DataLoaderConfig = Field(default_factory=lambda: DataLoaderConfig(dataset="InteriorFusion-Real"))
 
 

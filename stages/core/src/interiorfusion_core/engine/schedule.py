@@ -54,8 +54,7 @@ class Phase:
 def base_lr(config: Any) -> float:
     """The stage's base lr: `training.lr` where a config keeps it there (the seed's fine-tuning configs), else
     `optimizer.lr`."""
-    lr = getattr(config.training, "lr", None)
-    return float(lr) if lr is not None else float(config.optimizer.lr)
+    return config.base_lr
 
 
 def plan_phases(training: TrainingConfig, lr: float, lr_factor: float = 1.0) -> list[Phase]:
