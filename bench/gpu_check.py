@@ -174,7 +174,7 @@ def vae_batch(resolution: int = 32, views: int = 2) -> dict[str, Any]:
 
 def vae_step(batch: dict[str, Any], backend: str, state: dict[str, torch.Tensor] | None, device: torch.device,
              dtype: torch.dtype, render_views: int = 2) -> dict[str, Any]:
-    from interiorfusion_core.config.schemas import VAEPretrainConfig
+    from interiorfusion_vae.config import VAEPretrainConfig
     from interiorfusion_vae.task import VAETask, build_vae
 
     config = VAEPretrainConfig(model={"latent_dim": 4, "channels": [8, 8, 16, 16, 16], "blocks_per_level": 1,

@@ -37,13 +37,13 @@ for _pkg in ("core", "data", "vae"):  # runnable from a checkout without install
 
 import torch  # noqa: E402
 
-from interiorfusion_core.config.schemas import VAEPretrainConfig  # noqa: E402
 from interiorfusion_core.sparse import backend_status, resolve_backend  # noqa: E402
 from interiorfusion_data.config import DataStageConfig  # noqa: E402
 from interiorfusion_data.format import decode_sample  # noqa: E402
 from interiorfusion_data.loader import collate_scenes  # noqa: E402
 from interiorfusion_data.pipeline import build_sample, procedural_options  # noqa: E402
 from interiorfusion_data.procedural import generate_scene  # noqa: E402
+from interiorfusion_vae.config import VAEPretrainConfig  # noqa: E402
 from interiorfusion_vae.task import VAETask, build_vae  # noqa: E402
 
 

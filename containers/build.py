@@ -128,6 +128,9 @@ class Package:
     module: str  # import name, e.g. interiorfusion_data
     requires: list[str]  # third-party requirement strings (markers kept)
     project_deps: list[str] = field(default_factory=list)  # canonical names of project packages it needs
+    # Registers a runnable stage (`interiorfusion.stages` entry point): only those get an image. A package that
+    # so far holds only a config schema (`interiorfusion.configs`) is a dependency, not an image.
+    runs_stage: bool = False
 
     @property
     def short(self) -> str:
@@ -136,19 +139,20 @@ class Package:
 
 def discover_packages() -> dict[str, Package]:
     dirs = [*sorted((REPO / "stages").glob("*/pyproject.toml")), REPO / "flows" / "pyproject.toml"]
-    raw: dict[str, tuple[Path, list[str]]] = {}
+    raw: dict[str, tuple[Path, list[str], bool]] = {}
     for pyproject in dirs:
         if not pyproject.exists():
             continue
         meta = tomllib.loads(pyproject.read_text())["project"]
         if "dependencies" in meta.get("dynamic", []):
             raise BuildFailure(f"{pyproject}: dynamic dependencies are not supported by the image build")
-        raw[canonical(meta["name"])] = (pyproject.parent, list(meta.get("dependencies", [])))
+        runs_stage = bool(meta.get("entry-points", {}).get("interiorfusion.stages"))
+        raw[canonical(meta["name"])] = (pyproject.parent, list(meta.get("dependencies", [])), runs_stage)
     packages = {}
-    for name, (path, reqs) in raw.items():
+    for name, (path, reqs, runs_stage) in raw.items():
         third_party = [r for r in reqs if requirement_name(r) not in raw]
         project = [requirement_name(r) for r in reqs if requirement_name(r) in raw]
-        packages[name] = Package(name, path, name.replace("-", "_"), third_party, project)
+        packages[name] = Package(name, path, name.replace("-", "_"), third_party, project, runs_stage)
     return packages
 
 
@@ -540,12 +544,12 @@ class Builder:
     def main(self) -> int:
         args = self.args
         known = sorted(
-            p.short for p in self.packages.values() if p.path.parent.name == "stages" and p.short != "core"
+            p.short for p in self.packages.values() if p.path.parent.name == "stages" and p.runs_stage
         )
         stages = known if args.stages in (None, "all") else [s for s in args.stages.split(",") if s]
         unknown = [s for s in stages if s not in known]
         if unknown:
-            raise BuildFailure(f"unknown stage(s) {unknown}; stages with a package under stages/: {known}")
+            raise BuildFailure(f"unknown stage(s) {unknown}; packages under stages/ that run a stage: {known}")
         core = "interiorfusion-core"
         if core not in self.packages:
             raise BuildFailure("stages/core/pyproject.toml is missing")

@@ -5,8 +5,7 @@ from __future__ import annotations
 import os
 from typing import ClassVar
 
-from interiorfusion_core.config.base import Strict
-from interiorfusion_core.config.schemas import StageConfig
+from interiorfusion_core.config.base import StageConfig, Strict
 from interiorfusion_core.contract import Stage, StageContext, StageResult
 from interiorfusion_core.errors import UserError
 from interiorfusion_core.registry import register_stage

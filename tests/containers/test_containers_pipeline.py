@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from interiorfusion_core.config.schemas import PipelineStageEntry
+from interiorfusion_core.config.pipeline import PipelineStageEntry
 from interiorfusion_core.errors import UserError
 from interiorfusion_flows.executors import (
     StageJob,

@@ -155,7 +155,7 @@ def test_config_is_strict_and_smoke_config_validates() -> None:
     assert loaded.kind == "data" and loaded.model.voxel.resolutions == [32, 64]
     with pytest.raises(ConfigError, match=r"voxel\.resolution: unknown key 'resolution' \(did you mean 'resolutions'"):
         load_config(SMOKE, ["voxel.resolution=[64]"])
-    with pytest.raises(ConfigError, match="resolution must be one of"):
+    with pytest.raises(ConfigError, match="resolution must be a power of two"):
         load_config(SMOKE, ["voxel.resolutions=[48]"])
     with pytest.raises(ConfigError, match=r"needs importer\.path"):
         load_config(SMOKE, ["source=scannet"])

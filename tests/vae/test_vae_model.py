@@ -74,7 +74,7 @@ def test_free_decode_prunes_by_its_own_logits() -> None:
 def test_losses_fall_on_one_scene(steps: int) -> None:
     from types import SimpleNamespace
 
-    from interiorfusion_core.config.schemas import VAELossConfig
+    from interiorfusion_vae.config import VAELossConfig
     from interiorfusion_vae.losses import vae_losses
 
     occ = _room()

@@ -50,14 +50,20 @@ def config_check(
     set_: SetOpt = None,
     show: Annotated[bool, typer.Option("--show", help="Print the resolved config (all defaults filled in).")] = False,
 ) -> None:
-    """Validate config files; the kind comes from a `kind:` key or is detected from the content.
+    """Validate config files; the kind comes from a `kind:` key or is detected from the content. A pipeline is
+    checked as a graph too (instances, inputs, cycles) with every instance's stage config.
 
-    Exit code 2 and one line `FILE: a.b.c: what is wrong` on the first invalid file."""
+    Exit code 2 and one line `FILE: a.b.c: what is wrong` on the first invalid file. Imports no torch."""
     from interiorfusion_core.config import load_config
+    from interiorfusion_core.config.pipeline import load_pipeline
 
     for file in files:
         loaded = load_config(file, tuple(set_ or ()), kind)
-        console.print(f"{file}: ok ({loaded.kind}, digest {loaded.digest[:12]})")
+        note = ""
+        if loaded.kind == "pipeline":
+            _, graph = load_pipeline(file)
+            note = f", instances {' → '.join(graph.order)}"
+        console.print(f"{file}: ok ({loaded.kind}, digest {loaded.digest[:12]}{note})", markup=False)
         if show:
             console.print(yaml.safe_dump(loaded.resolved, sort_keys=False), markup=False)
 
@@ -82,13 +88,15 @@ def stage_run(
 
 @stage_app.command("list")
 def stage_list(as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False) -> None:
-    """List installed stages, their config kinds and inputs."""
-    from interiorfusion_core.registry import stages
+    """List installed stages, their config kinds and inputs (read from their schemas: no stage code imported)."""
+    from interiorfusion_core.config import stage_specs
+    from interiorfusion_core.registry import stage_names
 
+    specs = stage_specs()
     rows = {
-        name: {"config_kind": cls.config_kind, "inputs": dict(cls.inputs), "optional": dict(cls.optional_inputs),
-               "description": cls.description}
-        for name, cls in stages().items()
+        name: {"config_kind": spec.config_kind, "inputs": dict(spec.inputs), "optional": dict(spec.optional_inputs),
+               "description": spec.description}
+        for name in stage_names() if (spec := specs.get(name)) is not None
     }
     if as_json:
         console.print_json(json.dumps(rows))
@@ -152,7 +160,7 @@ def pipeline_run(
     from interiorfusion_core.tracking import tracking_uri
     from interiorfusion_flows.pipeline import interiorfusion_pipeline, load_pipeline
 
-    load_pipeline(config)  # validate before Prefect starts, so a bad config fails in a second
+    load_pipeline(config)  # validate the whole graph before Prefect starts, so a bad config fails in a second
     record = interiorfusion_pipeline(
         str(config), only=only, from_stage=from_stage, force=list(force or []), upstream_run=upstream_run
     )

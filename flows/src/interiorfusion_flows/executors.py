@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from interiorfusion_core.config.schemas import PipelineStageEntry
+from interiorfusion_core.config.pipeline import PipelineStageEntry
 from interiorfusion_core.contract import run_stage
 from interiorfusion_core.errors import UserError
 
@@ -40,6 +40,8 @@ class StageJob:
     entry: PipelineStageEntry
     log: Callable[[str], None] = print
     env: dict[str, str] = field(default_factory=dict)
+    # The pipeline instance this job runs (its MLflow run's name); None outside a pipeline: the stage's name.
+    run_name: str | None = None
 
     def cli_args(self) -> list[str]:
         args = ["--config", self.config_path, "--output", self.output]
@@ -54,6 +56,8 @@ class StageJob:
     def child_env(self) -> dict[str, str]:
         env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
         env["MLFLOW_EXPERIMENT_NAME"] = self.experiment
+        if self.run_name:
+            env["INTERIORFUSION_RUN_NAME"] = self.run_name
         if self.parent_run_id:
             env["INTERIORFUSION_PARENT_RUN_ID"] = self.parent_run_id
         return env | self.env
@@ -69,7 +73,7 @@ def run_inprocess(job: StageJob) -> None:
     try:
         run_stage(
             job.stage, job.config_path, inputs=job.inputs, output=job.output, overrides=tuple(job.overrides),
-            force=job.force, parent_run_id=job.parent_run_id,
+            force=job.force, parent_run_id=job.parent_run_id, run_name=job.run_name,
         )
     finally:
         if previous is None:
@@ -139,6 +143,8 @@ def docker_env(job: StageJob, environ: Mapping[str, str] | None = None) -> dict[
     env["MLFLOW_EXPERIMENT_NAME"] = job.experiment
     if job.parent_run_id:
         env["INTERIORFUSION_PARENT_RUN_ID"] = job.parent_run_id
+    if job.run_name:
+        env["INTERIORFUSION_RUN_NAME"] = job.run_name
     for host_dir in ("INTERIORFUSION_HOME", "HF_HOME"):  # directories of this machine, absent in the container
         env.pop(host_dir, None)
     env.setdefault("COLUMNS", "200")  # rich wraps at 80 columns without a terminal; keep log lines whole

@@ -1,8 +1,8 @@
-"""The `interiorfusion-pipeline` Prefect flow: data → vae → structure → material → lora → grpo → evaluate,
-for the stages the pipeline config lists and that are installed.
+"""The `interiorfusion-pipeline` Prefect flow: the pipeline config's graph of named stage instances (data → vae →
+structure → material → lora → grpo → evaluate, with as many instances of a stage as the config names).
 
-Stages hand each other manifest URIs, never in-memory objects. Each stage's output prefix is content-addressed:
-`<root>/pipelines/<name>/<stage>/<cache key[:16]>`, where the cache key digests (stage, config, input manifests).
+Instances hand each other manifest URIs, never in-memory objects. Each output prefix is content-addressed:
+`<root>/pipelines/<name>/<instance>/<cache key[:16]>`, where the cache key digests (stage, config, input manifests).
 So a rerun finds every unchanged stage's manifest and skips it, and a changed config or upstream output gives a
 new key, a new prefix, and a rerun of everything downstream — no completed output is ever overwritten.
 """
@@ -11,18 +11,15 @@ from __future__ import annotations
 
 import time
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, task
 from prefect.runtime import flow_run
 
-from interiorfusion_core.config import load_config
-from interiorfusion_core.config.schemas import PipelineConfig, PipelineStageEntry
-from interiorfusion_core.contract import resolve_inputs
+from interiorfusion_core.config.pipeline import PipelineConfig, PipelineGraph, PipelineStageEntry, load_pipeline
+from interiorfusion_core.contract import lookup_cached, request_stage
 from interiorfusion_core.errors import UserError
-from interiorfusion_core.manifest import cache_key, read_manifest, try_read_manifest
-from interiorfusion_core.registry import get_stage, stages
+from interiorfusion_core.manifest import read_manifest
 from interiorfusion_core.state import artifact_root
 from interiorfusion_core.storage import ArtifactStore, open_store
 from interiorfusion_core.tracking import Tracker
@@ -32,33 +29,8 @@ PIPELINE_FLOW = "interiorfusion-pipeline"
 STAGE_FLOW = "interiorfusion-stage"
 
 
-def load_pipeline(path: str | Path) -> PipelineConfig:
-    loaded = load_config(path, kind="pipeline")
-    cfg = loaded.model
-    assert isinstance(cfg, PipelineConfig)
-    installed = stages()
-    for name, entry in cfg.stages.items():
-        if name not in installed:
-            listed = ", ".join(installed)
-            raise UserError(f"{path}: stages.{name}: stage '{name}' is not installed (installed: {listed})")
-        cfg.stages[name] = entry.model_copy(update={"config": str(_relative_to(path, entry.config))})
-    return cfg
-
-
-def _relative_to(pipeline_path: str | Path, config: str) -> Path:
-    """Stage configs are named relative to the pipeline file (or the working directory, if found there)."""
-    p = Path(config)
-    if p.is_absolute() or p.exists():
-        return p
-    return Path(pipeline_path).parent / p
-
-
 def pipeline_store(cfg: PipelineConfig) -> ArtifactStore:
     return open_store(cfg.artifact_root or artifact_root()).child(f"pipelines/{cfg.name}")
-
-
-def ordered_stages(cfg: PipelineConfig) -> list[str]:
-    return [name for name in stages() if name in cfg.stages and cfg.stages[name].enabled]
 
 
 def _retry_on_infrastructure(task: Any, task_run: Any, state: Any) -> bool:
@@ -74,6 +46,7 @@ def _retry_on_infrastructure(task: Any, task_run: Any, state: Any) -> bool:
 
 @task(retry_condition_fn=_retry_on_infrastructure, persist_result=False, log_prints=True)
 def run_stage_task(
+    instance: str,
     stage: str,
     entry: PipelineStageEntry,
     inputs: dict[str, str],
@@ -82,43 +55,46 @@ def run_stage_task(
     parent_run_id: str | None,
     experiment: str,
 ) -> dict[str, Any]:
-    """Run (or find cached) one stage; returns its output URI and timings."""
+    """Run (or find cached) one stage instance; returns its output URI and timings."""
     logger = get_run_logger()
     started = time.perf_counter()
-    loaded = load_config(entry.config, tuple(entry.set), get_stage(stage).config_kind)
-    resolved = resolve_inputs(get_stage(stage), inputs)
-    key = cache_key(stage, loaded.digest, {n: i.manifest.digest for n, i in resolved.items()})
-    output = open_store(store_uri).child(f"{stage}/{key[:16]}")
-    existing = try_read_manifest(output)
-    if existing is not None and existing.cache_key == key and not force:
-        logger.info("%s: cached at %s", stage, output.uri)
-        return {"uri": output.uri, "cached": True, "seconds": time.perf_counter() - started, "stage_seconds": 0.0}
+    request = request_stage(stage, entry.config, inputs, tuple(entry.set))
+    output = open_store(store_uri).child(f"{instance}/{request.key[:16]}")
+    cached = None if force else lookup_cached(output, request.key)
+    if cached is not None:
+        logger.info("%s: cached at %s", instance, output.uri)
+        return {"uri": output.uri, "stage": stage, "cached": True, "seconds": time.perf_counter() - started,
+                "stage_seconds": 0.0, "mlflow_run_id": cached.mlflow_run_id}
     job = StageJob(
         stage=stage, config_path=entry.config, overrides=list(entry.set), inputs=inputs, output=output.uri,
         force=force, parent_run_id=parent_run_id, experiment=experiment, entry=entry, log=logger.info,
+        run_name=instance,
     )
-    logger.info("%s: running with the %s executor → %s", stage, entry.executor, output.uri)
+    logger.info("%s: running stage '%s' with the %s executor → %s", instance, stage, entry.executor, output.uri)
     EXECUTORS[entry.executor](job)
     manifest = read_manifest(output)
-    if manifest.cache_key != key:
+    if manifest.cache_key != request.key:
         raise UserError(f"{output.uri}: the stage wrote a manifest for another cache key; refusing to chain it")
     return {
         "uri": output.uri,
+        "stage": stage,
         "cached": False,
         "seconds": time.perf_counter() - started,
         "stage_seconds": float(manifest.metrics.get("stage_seconds", 0.0)),
+        "mlflow_run_id": manifest.mlflow_run_id,
     }
 
 
-def _select(order: list[str], only: str | None, from_stage: str | None) -> set[str]:
+def select_instances(graph: PipelineGraph, only: str | None, from_stage: str | None) -> set[str]:
+    """`only`: one instance; `from_stage`: an instance and everything downstream of it; neither: all."""
     for name in (only, from_stage):
-        if name is not None and name not in order:
-            raise UserError(f"stage '{name}' is not part of this pipeline (its stages: {', '.join(order)})")
+        if name is not None and name not in graph.order:
+            raise UserError(f"'{name}' is not an instance of this pipeline (its instances: {', '.join(graph.order)})")
     if only:
         return {only}
     if from_stage:
-        return set(order[order.index(from_stage):])
-    return set(order)
+        return {from_stage} | graph.downstream_of(from_stage)
+    return set(graph.order)
 
 
 def _previous_outputs(store: ArtifactStore, run: str | None) -> dict[str, str]:
@@ -137,40 +113,45 @@ def interiorfusion_pipeline(
     force: list[str] | None = None,
     upstream_run: str | None = None,
 ) -> dict[str, Any]:
-    """Run the pipeline config's stages in order; `only`/`from_stage` take upstream outputs from the latest
-    (or the `upstream_run`) recorded pipeline run; `force` reruns the named stages even if cached."""
+    """Run the pipeline's stage instances in dependency order; `only`/`from_stage` take the outputs of the instances
+    they build on from the latest (or the `upstream_run`) recorded pipeline run; `force` reruns the named instances
+    even if cached. All of them take instance names."""
     logger = get_run_logger()
-    cfg = load_pipeline(config)
-    order = ordered_stages(cfg)
-    selected = _select(order, only, from_stage)
+    cfg, graph = load_pipeline(config)
+    selected = select_instances(graph, only, from_stage)
     forced = set(force or [])
+    unknown = sorted(forced - set(graph.order))
+    if unknown:
+        raise UserError(f"--force {unknown[0]}: not an instance of this pipeline (its instances: "
+                        f"{', '.join(graph.order)})")
+    needed = set().union(*(graph.upstream_of(n) for n in selected)) - selected
     store = pipeline_store(cfg)
-    previous = _previous_outputs(store, upstream_run) if selected != set(order) else {}
+    previous = _previous_outputs(store, upstream_run) if needed else {}
     run_id = f"{datetime.now(UTC):%Y%m%dT%H%M%SZ}-{(flow_run.get_id() or 'local')[:8]}"
     parent = Tracker(f"pipeline:{cfg.name}", experiment=cfg.experiment,
                      tags={"interiorfusion.pipeline": cfg.name, "interiorfusion.pipeline_run": run_id})
-    parent.log_params({"pipeline.config": str(config), "pipeline.stages": ",".join(order)})
+    parent.log_params({"pipeline.config": str(config), "pipeline.instances": ",".join(graph.order)})
     outputs: dict[str, str] = {}
     timings: dict[str, dict[str, Any]] = {}
     status = "FAILED"
     try:
-        for name in order:
+        for name in graph.order:
             if name not in selected:
-                if name not in previous:
-                    raise UserError(f"stage '{name}' has no output in the previous pipeline run to build on")
-                outputs[name] = previous[name]
+                if name in previous:
+                    outputs[name] = previous[name]
+                elif name in needed:
+                    raise UserError(f"instance '{name}' has no output in the previous pipeline run to build on")
                 continue
-            stage_cls = get_stage(name)
-            wanted = {**stage_cls.inputs, **stage_cls.optional_inputs}
-            inputs = {inp: outputs[up] for inp, up in wanted.items() if up in outputs}
+            entry = cfg.stages[name]
+            inputs = {inp: outputs[up] for inp, up in graph.inputs[name].items()}
             result = run_stage_task.with_options(
-                name=f"stage-{name}", retries=cfg.stages[name].retries,
-                retry_delay_seconds=cfg.stages[name].retry_delay_seconds,
-            )(name, cfg.stages[name], inputs, store.uri, name in forced, parent.run_id, cfg.experiment)
+                name=name, retries=entry.retries, retry_delay_seconds=entry.retry_delay_seconds,
+            )(name, graph.specs[name].name, entry, inputs, store.uri, name in forced, parent.run_id, cfg.experiment)
             outputs[name] = result["uri"]
             timings[name] = result
         record = {"run_id": run_id, "pipeline": cfg.name, "config": str(config), "stages": outputs,
-                  "timings": timings, "mlflow_parent_run_id": parent.run_id,
+                  "instances": {n: graph.specs[n].name for n in graph.order}, "timings": timings,
+                  "mlflow_parent_run_id": parent.run_id,
                   "created_at": datetime.now(UTC).isoformat(timespec="seconds")}
         store.put_json(f"runs/{run_id}.json", record)
         store.put_json("runs/latest.json", record)

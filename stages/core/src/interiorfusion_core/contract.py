@@ -9,6 +9,9 @@
 - An output without a manifest but with `_run.json` is an interrupted run: rerunning the same command resumes
   it (stages resume from their latest checkpoint under the prefix); `restart` wipes it first. An interrupted
   run of a different config is refused rather than mixed with this one.
+- Under a launcher (N processes, M nodes) rank 0 alone reads the output prefix and decides cached / refused /
+  resume / fresh; every rank acts on that one decision (`agree`), so a cached rerun exits 0 on every rank at
+  once and a refused one fails on every rank with the same sentence.
 """
 
 from __future__ import annotations
@@ -18,15 +21,15 @@ import subprocess
 import tempfile
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
+from datetime import timedelta
 from importlib.metadata import distributions
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal, TypeVar
 
-from interiorfusion_core.config import LoadedConfig, load_config
-from interiorfusion_core.config.schemas import StageConfig
-from interiorfusion_core.errors import UserError
+from interiorfusion_core.config import LoadedConfig, StageConfig, StageSpec, load_config, stage_specs
+from interiorfusion_core.errors import ConfigError, UserError
 from interiorfusion_core.manifest import (
     MANIFEST_KEY,
     InputRef,
@@ -150,16 +153,27 @@ class StageResult:
 
 
 class Stage(ABC):
-    """Subclass, set the class attributes, implement `run`, register under `interiorfusion.stages`."""
+    """Subclass, set `config_model` (a schema whose `stage` spec names the stage and its inputs), implement `run`,
+    register under `interiorfusion.stages`. Tests may set the attributes below by hand instead of a spec."""
 
+    config_model: ClassVar[type[StageConfig]]
     name: ClassVar[str]
     config_kind: ClassVar[str]
-    # None: the config kind is one of core's seed kinds (CONFIG_KINDS).
-    config_model: ClassVar[type[StageConfig] | None] = None
     # Required inputs: input name → the stage that must have produced it.
     inputs: ClassVar[dict[str, str]] = {}
     optional_inputs: ClassVar[dict[str, str]] = {}
     description: ClassVar[str] = ""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        spec = getattr(getattr(cls, "config_model", None), "stage", None)
+        if isinstance(spec, StageSpec):
+            cls.name, cls.config_kind, cls.description = spec.name, spec.config_kind, spec.description
+            cls.inputs, cls.optional_inputs = dict(spec.inputs), dict(spec.optional_inputs)
+
+    @classmethod
+    def spec(cls) -> StageSpec:
+        return StageSpec(cls.name, cls.config_kind, cls.inputs, cls.optional_inputs, cls.description)
 
     @abstractmethod
     def run(self, ctx: StageContext) -> StageResult: ...
@@ -192,16 +206,25 @@ def code_version() -> dict[str, str]:
     return dict(sorted(versions.items()))
 
 
-def resolve_inputs(stage_cls: type[Stage], inputs: Mapping[str, str]) -> dict[str, StageInput]:
-    known = {**stage_cls.inputs, **stage_cls.optional_inputs}
+def stage_spec(stage: str) -> StageSpec:
+    """A stage's spec from its config schema (no stage code imported); else from its class (which reports a
+    broken or unknown stage with the real reason)."""
+    spec = stage_specs().get(stage)
+    return spec if spec is not None else get_stage(stage).spec()
+
+
+def resolve_inputs(spec: StageSpec | type[Stage], inputs: Mapping[str, str]) -> dict[str, StageInput]:
+    if not isinstance(spec, StageSpec):
+        spec = spec.spec()
+    known = spec.all_inputs
     for name in inputs:
         if name not in known:
             listed = ", ".join(known) or "none"
-            raise UserError(f"stage '{stage_cls.name}' takes no input named '{name}' (its inputs: {listed})")
-    for name in stage_cls.inputs:
+            raise UserError(f"stage '{spec.name}' takes no input named '{name}' (its inputs: {listed})")
+    for name in spec.inputs:
         if name not in inputs:
             raise UserError(
-                f"stage '{stage_cls.name}' needs --input {name}=URI (the output of stage '{stage_cls.inputs[name]}')"
+                f"stage '{spec.name}' needs --input {name}=URI (the output of stage '{spec.inputs[name]}')"
             )
     resolved = {}
     for name, uri in inputs.items():
@@ -215,17 +238,93 @@ def resolve_inputs(stage_cls: type[Stage], inputs: Mapping[str, str]) -> dict[st
     return resolved
 
 
+T = TypeVar("T")
+Decision = Literal["cached", "resume", "fresh"]
+
+
+def _ensure_process_group() -> None:
+    """The launcher's process group, created here when the stage decides before the engine would create it.
+    accelerate and DeepSpeed both reuse an initialised default group; CUDA runs get NCCL for tensors on the GPU and
+    gloo for the small CPU objects this module broadcasts."""
+    import torch
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        backend = "cpu:gloo,cuda:nccl"
+    else:
+        backend = "gloo"
+    dist.init_process_group(backend=backend, timeout=timedelta(minutes=30))
+    _OWN_GROUP.append(True)
+
+
+_OWN_GROUP: list[bool] = []
+
+
+def _release_process_group() -> None:
+    """A cached run trains nothing: tear down the group this module created, so every rank exits cleanly."""
+    if _OWN_GROUP:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
+        _OWN_GROUP.clear()
+
+
+def agree(decide: Callable[[], T], what: str) -> T:
+    """Rank 0 runs `decide` and every rank gets its result, or raises the same one-sentence error. No other rank
+    looks at storage on its own, so nobody can see a state rank 0 is about to change. One process: just `decide`."""
+    rank, world = distributed_rank()
+    if world <= 1:
+        return decide()
+    import torch.distributed as dist
+
+    _ensure_process_group()
+    box: list[Any] = [None]
+    failure: BaseException | None = None
+    if rank == 0:
+        try:
+            box[0] = ("ok", decide())
+        except UserError as exc:
+            box[0] = ("user", str(exc), exc.exit_code, exc.transient)
+            failure = exc
+        except BaseException as exc:
+            box[0] = ("crash", f"{type(exc).__name__}: {exc}")
+            failure = exc
+    dist.broadcast_object_list(box, src=0)
+    if failure is not None:
+        raise failure
+    tag, *rest = box[0]
+    if tag == "ok":
+        return rest[0]
+    if tag == "user":
+        err = UserError(rest[0], transient=rest[2])
+        err.exit_code = rest[1]
+        raise err
+    raise UserError(f"rank 0 failed while deciding {what} ({rest[0]}); its log has the details")
+
+
+def lookup_cached(store: ArtifactStore, key: str) -> Manifest | None:
+    """The completed run at `store` if it is this cache key's. The one cache check: `run_stage` and the pipeline
+    flow both use it."""
+    existing = try_read_manifest(store)
+    return existing if existing is not None and existing.cache_key == key else None
+
+
 def prepare_output(store: ArtifactStore, key: str, *, force: bool, restart: bool) -> tuple[Manifest | None, bool]:
     """Decide what to do with an output prefix. Returns (cached manifest or None, resuming?)."""
-    existing = try_read_manifest(store)
-    if existing is not None:
-        if existing.cache_key == key and not force:
-            return existing, False
-        if not force:
-            raise UserError(
-                f"{store.uri}: already holds a completed run of stage '{existing.stage}' with another config or "
-                "inputs; write to a new --output, or pass --force to replace it"
-            )
+    cached = lookup_cached(store, key)
+    if cached is not None and not force:
+        return cached, False
+    existing = cached or try_read_manifest(store)
+    if existing is not None and not force:
+        raise UserError(
+            f"{store.uri}: already holds a completed run of stage '{existing.stage}' with another config or "
+            "inputs; write to a new --output, or pass --force to replace it"
+        )
     marker = store.get_json(RUN_MARKER) if store.exists(RUN_MARKER) else None
     if force or restart:
         # Manifest first, so an interruption while wiping leaves an incomplete prefix, never a stale complete one.
@@ -241,6 +340,52 @@ def prepare_output(store: ArtifactStore, key: str, *, force: bool, restart: bool
     return None, marker is not None
 
 
+@dataclass
+class StageRequest:
+    """A stage run fully specified — resolved config, verified inputs, cache key — before anything is decided about
+    its output. `run_stage` executes one; the pipeline flow builds one to name and check the output prefix."""
+
+    spec: StageSpec
+    loaded: LoadedConfig
+    inputs: dict[str, StageInput]
+    key: str
+
+    @property
+    def stage(self) -> str:
+        return self.spec.name
+
+
+def check_dataset_names(loaded: LoadedConfig, inputs: Mapping[str, StageInput]) -> None:
+    """A stage's `data.dataset` names the dataset it trains on: it must be the one its data input holds (catches a
+    pipeline that wires the real-scan data instance where the synthetic one belongs, or the reverse)."""
+    wanted = getattr(getattr(loaded.model, "data", None), "dataset", None)
+    data = inputs.get("data")
+    if not isinstance(wanted, str) or data is None or data.manifest.stage != "data":
+        return
+    held = data.manifest.config.get("dataset")
+    if isinstance(held, str) and held != wanted:
+        raise ConfigError(
+            f"{loaded.path}: data.dataset: this config trains on '{wanted}' but input 'data' ({data.uri}) holds "
+            f"'{held}'; wire the right data instance or set data.dataset: {held}"
+        )
+
+
+def request_stage(
+    stage: str,
+    config: str | Path | LoadedConfig,
+    inputs: Mapping[str, str] | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+) -> StageRequest:
+    spec = stage_spec(stage)
+    loaded = config if isinstance(config, LoadedConfig) else load_config(config, overrides, spec.config_kind)
+    if loaded.kind != spec.config_kind:
+        raise UserError(f"{loaded.path}: is a '{loaded.kind}' config; stage '{stage}' needs '{spec.config_kind}'")
+    resolved = resolve_inputs(spec, inputs or {})
+    check_dataset_names(loaded, resolved)
+    key = cache_key(stage, loaded.digest, {n: i.manifest.digest for n, i in resolved.items()})
+    return StageRequest(spec, loaded, resolved, key)
+
+
 def run_stage(
     stage: str,
     config: str | Path | LoadedConfig,
@@ -251,29 +396,34 @@ def run_stage(
     force: bool = False,
     restart: bool = False,
     parent_run_id: str | None = None,
+    run_name: str | None = None,
     tags: Mapping[str, str] | None = None,
 ) -> RunOutcome:
-    stage_cls = get_stage(stage)
-    loaded = config if isinstance(config, LoadedConfig) else load_config(config, overrides, stage_cls.config_kind)
-    if loaded.kind != stage_cls.config_kind:
-        raise UserError(f"{loaded.path}: is a '{loaded.kind}' config; stage '{stage}' needs '{stage_cls.config_kind}'")
-    resolved_inputs = resolve_inputs(stage_cls, inputs or {})
-    key = cache_key(stage, loaded.digest, {n: i.manifest.digest for n, i in resolved_inputs.items()})
+    """Run one stage (or find it cached) under the contract; the same call on every rank of a launched job."""
+    stage_cls = get_stage(stage)  # import the stage's code first: a broken package fails before anything else
+    request = request_stage(stage, config, inputs, overrides)
+    loaded, resolved_inputs, key = request.loaded, request.inputs, request.key
     rank, world = distributed_rank()
     out_store = open_store(output)
 
-    if rank == 0:
+    def decide() -> tuple[Decision, dict[str, Any] | None]:
         cached, resuming = prepare_output(out_store, key, force=force, restart=restart)
         if cached is not None:
-            return RunOutcome(cached, out_store.uri, skipped=True)
+            return "cached", cached.model_dump(mode="json")
         out_store.put_json(RUN_MARKER, {"stage": stage, "cache_key": key, "config_digest": loaded.digest})
-    else:
-        resuming = out_store.exists(RUN_MARKER)
+        return ("resume" if resuming else "fresh"), None
+
+    decision, cached_json = agree(decide, f"whether {output} is cached")
+    if decision == "cached":
+        assert cached_json is not None
+        _release_process_group()
+        return RunOutcome(Manifest.model_validate(cached_json), out_store.uri, skipped=True)
+    resuming = decision == "resume"
 
     parent = parent_run_id or os.environ.get("INTERIORFUSION_PARENT_RUN_ID")
     tracker: Tracker = (
         Tracker(
-            stage,
+            run_name or os.environ.get("INTERIORFUSION_RUN_NAME") or stage,
             parent_run_id=parent,
             tags={"interiorfusion.stage": stage, "interiorfusion.cache_key": key, **(tags or {})},
         )
@@ -294,7 +444,7 @@ def run_stage(
                 resumed=resuming,
             )
             started = time.perf_counter()
-            result = get_stage(stage)().run(ctx)
+            result = stage_cls().run(ctx)
             result.metrics.setdefault("stage_seconds", time.perf_counter() - started)
         manifest = Manifest(
             stage=stage, cache_key=key, config_kind=loaded.kind, config_digest=loaded.digest,

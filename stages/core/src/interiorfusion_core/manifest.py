@@ -13,7 +13,9 @@ from interiorfusion_core.errors import IncompleteArtifactError, StorageError, Us
 from interiorfusion_core.storage import ArtifactStore, ObjectInfo, open_store
 
 MANIFEST_KEY = "manifest.json"
-MANIFEST_FORMAT = "interiorfusion.manifest/1"
+MANIFEST_FORMAT = "interiorfusion.manifest/2"
+# /1 manifests (digest over every field, timestamps included) still read; their digest is computed the /2 way.
+READABLE_FORMATS = ("interiorfusion.manifest/1", MANIFEST_FORMAT)
 
 
 class ArtifactEntry(BaseModel):
@@ -30,7 +32,7 @@ class InputRef(BaseModel):
 
 
 class Manifest(BaseModel):
-    """Format `interiorfusion.manifest/1`; documented in the README ("Stage contract")."""
+    """Format `interiorfusion.manifest/2`; documented in the README ("Stage contract")."""
 
     model_config = ConfigDict(extra="forbid")
     format: str = MANIFEST_FORMAT
@@ -48,11 +50,25 @@ class Manifest(BaseModel):
     mlflow_run_id: str | None = None
     created_at: str = Field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
 
+    def content(self) -> dict[str, Any]:
+        """What the run produced from what: stage, config, input digests, artifacts' sha256, named outputs. Not
+        when, where or by which run (timestamps, URIs, MLflow ids, code versions, timings), so a forced rerun of a
+        deterministic stage has the same content and leaves every downstream cache key unchanged."""
+        return {
+            "stage": self.stage,
+            "config_kind": self.config_kind,
+            "config_digest": self.config_digest,
+            "inputs": {n: {"stage": i.stage, "digest": i.digest} for n, i in sorted(self.inputs.items())},
+            "artifacts": {k: [a.size, a.sha256] for k, a in sorted(self.artifacts.items())},
+            "outputs": dict(sorted(self.outputs.items())),
+        }
+
     def canonical_bytes(self) -> bytes:
-        return json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":")).encode()
+        return json.dumps(self.content(), sort_keys=True, separators=(",", ":")).encode()
 
     @property
     def digest(self) -> str:
+        """sha256 of `content()`: what downstream cache keys hash."""
         return hashlib.sha256(self.canonical_bytes()).hexdigest()
 
     def add(self, info: ObjectInfo) -> None:
@@ -81,6 +97,9 @@ def read_manifest(store_or_uri: ArtifactStore | str) -> Manifest:
             "(the stage never ran here, or it did not finish)"
         )
     raw = store.get_json(MANIFEST_KEY)
+    if isinstance(raw, dict) and raw.get("format") not in READABLE_FORMATS:
+        raise UserError(f"{store.uri_for(MANIFEST_KEY)}: manifest format {raw.get('format')!r} is not one this "
+                        f"version reads ({', '.join(READABLE_FORMATS)})")
     try:
         return Manifest.model_validate(raw)
     except Exception as exc:

@@ -2,21 +2,24 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import Field, field_validator, model_validator
 
 from interiorfusion_core.config.base import (
-    RESOLUTIONS,
     NonNegativeFloat,
     NonNegativeInt,
     PositiveFloat,
     PositiveInt,
     Probability,
+    StageConfig,
+    StageSpec,
     Strict,
+    check_resolution,
 )
-from interiorfusion_core.config.schemas import StageConfig
-from interiorfusion_data.procedural import ARCHETYPES
+
+# Room archetypes of the procedural generator (procedural.py furnishes each).
+ARCHETYPES = ("bedroom", "living_room", "dining_room", "office")
 
 
 class ProceduralSection(Strict):
@@ -62,8 +65,7 @@ class VoxelSection(Strict):
     @classmethod
     def _res(cls, value: list[int]) -> list[int]:
         for r in value:
-            if r not in RESOLUTIONS:
-                raise ValueError(f"resolution must be one of {', '.join(map(str, RESOLUTIONS))}, got {r}")
+            check_resolution(r)
         return sorted(set(value))
 
 
@@ -72,6 +74,14 @@ class RenderSection(Strict):
     image_size: int = Field(default=64, ge=8, le=4096)
     # Horizontal field of view range in degrees, drawn per view.
     fov_deg: tuple[PositiveFloat, PositiveFloat] = (60.0, 80.0)
+
+    @field_validator("fov_deg")
+    @classmethod
+    def _fov(cls, value: tuple[float, float]) -> tuple[float, float]:
+        if not value[0] <= value[1] < 180:
+            raise ValueError("fov_deg must be [min, max] with min <= max < 180 degrees (a pinhole camera sees less "
+                             "than a half-space)")
+        return value
     png_compress_level: int = Field(default=1, ge=0, le=9)
 
 
@@ -93,6 +103,11 @@ class ShardSection(Strict):
 
 class DataStageConfig(StageConfig):
     kind: Literal["data"] | None = None
+    stage: ClassVar[StageSpec] = StageSpec(
+        name="data", config_kind="data",
+        description="scene shards: procedural interiors or imported meshes/scans, voxelised and rendered",
+    )
+    signature: ClassVar[tuple[str, ...]] = ("procedural", "voxel", "render", "splits", "importer")
     dataset: str = "InteriorFusion-Train"
     source: Literal["procedural", "meshes", "scannet", "front3d"] = "procedural"
     seed: NonNegativeInt = 0

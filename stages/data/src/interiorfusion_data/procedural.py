@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from interiorfusion_data.config import ARCHETYPES
 from interiorfusion_data.primitives import Mesh, box, box_between, cylinder, ellipsoid, merge, quad
 from interiorfusion_data.scene import (
     Material,
@@ -488,7 +489,6 @@ class Placer:
 
 
 # ---------------------------------------------------------------------------------------------- scene
-ARCHETYPES = ("bedroom", "living_room", "dining_room", "office")
 
 
 @dataclass

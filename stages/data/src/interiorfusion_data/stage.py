@@ -13,11 +13,7 @@ log = logging.getLogger("interiorfusion_data")
 
 
 class DataStage(Stage):
-    name = "data"
-    config_kind = "data"
-    config_model = DataStageConfig
-    inputs = {}
-    description = "procedural interiors / imported scans → voxels, renders, layout, boxes in shards"
+    config_model = DataStageConfig  # name, kind and inputs: DataStageConfig.stage
 
     def run(self, ctx: StageContext) -> StageResult:
         cfg: DataStageConfig = ctx.config

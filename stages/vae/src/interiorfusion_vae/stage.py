@@ -18,25 +18,21 @@ from typing import Any
 import numpy as np
 import torch
 
-from interiorfusion_core.config.schemas import VAEPretrainConfig
 from interiorfusion_core.contract import Stage, StageContext, StageResult
 from interiorfusion_core.engine import Trainer
 from interiorfusion_core.errors import UserError
 from interiorfusion_core.sparse import SparseTensor
 from interiorfusion_data.loader import collate_scenes, open_dataset
+from interiorfusion_vae.config import VAEPretrainConfig
 from interiorfusion_vae.model import SLATInteriorVAE, lookup_rows
 from interiorfusion_vae.render import soft_render
 from interiorfusion_vae.task import VAETask, build_vae, mean_material, sparse_batch
 
 LATENT_FORMAT = "interiorfusion.latents/1"
-COMPRESSION = 16
 
 
 class VAEStage(Stage):
-    name = "vae"
-    config_kind = "vae_pretrain"
-    inputs = {"data": "data"}
-    description = "SLAT-Interior sparse VAE + latent encode job"
+    config_model = VAEPretrainConfig  # name, kind and inputs: VAEPretrainConfig.stage
 
     def run(self, ctx: StageContext) -> StageResult:
         config: VAEPretrainConfig = ctx.config
@@ -65,8 +61,8 @@ class VAEStage(Stage):
 
 
 def final_resolution(config: VAEPretrainConfig) -> int:
-    phases = config.training.curriculum
-    return phases[-1].resolution if phases else config.model.base_resolution
+    """The resolution the latents describe (model.target_resolution: the curriculum ends there)."""
+    return config.model.target_resolution
 
 
 def load_trained(ctx: StageContext, checkpoint: str, config: VAEPretrainConfig) -> SLATInteriorVAE:
@@ -109,8 +105,8 @@ def evaluate(model: SLATInteriorVAE, data_uri: str, config: VAEPretrainConfig, r
         inter = int((rows >= 0).sum())
         union = len(pred) + len(truth) - inter
         ious.append(inter / max(union, 1))
-        coarse = torch.unique(truth.coords[:, 1:] // COMPRESSION, dim=0)
-        base_ious.append(len(truth) / (len(coarse) * COMPRESSION**3))
+        coarse = torch.unique(truth.coords[:, 1:] // config.model.compression, dim=0)
+        base_ious.append(len(truth) / (len(coarse) * config.model.compression**3))
         true_mat = batch["feats"]
         if inter:
             hit, match = pred_mat[rows >= 0], true_mat[rows[rows >= 0]]
@@ -205,7 +201,7 @@ def encode_dataset(ctx: StageContext, model: SLATInteriorVAE, data_uri: str, con
     `counts` [samples] rows per sample, in the order of the shard's JSON key list."""
     dim = config.model.latent_dim
     index: dict[str, Any] = {"format": LATENT_FORMAT, "resolution": resolution,
-                             "latent_resolution": resolution // COMPRESSION, "latent_dim": dim,
+                             "latent_resolution": resolution // config.model.compression, "latent_dim": dim,
                              "channels": {"geometry": [0, dim], "material": [dim, 2 * dim]}, "splits": {}}
     for split in config.encode.splits:
         dataset = open_dataset(data_uri, split)

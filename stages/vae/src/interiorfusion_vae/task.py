@@ -9,10 +9,10 @@ import torch
 from torch import nn
 
 from interiorfusion_core.config.base import CurriculumPhase
-from interiorfusion_core.config.schemas import VAEPretrainConfig
 from interiorfusion_core.engine import TrainTask, register_model_builder
 from interiorfusion_core.sparse import SparseTensor
 from interiorfusion_data.loader import SceneLoader, open_dataset
+from interiorfusion_vae.config import VAEPretrainConfig
 from interiorfusion_vae.losses import vae_losses
 from interiorfusion_vae.model import SLATInteriorVAE
 
@@ -37,7 +37,7 @@ def surface_voxels(resolution: int) -> float:
 def vae_flops_per_sample(config: VAEPretrainConfig, phase: CurriculumPhase | None) -> float:
     """Training FLOPs (forward + backward ≈ 3 × forward) of the submanifold convs, which dominate: at level l
     a 3³ conv does 2·27·C_l² multiply-adds per voxel, on ≈ 4·(N/2^l)² voxels; two encoders and one decoder."""
-    n = phase.resolution if phase is not None else config.model.base_resolution
+    n = phase.resolution if phase is not None else config.model.target_resolution
     m = config.model
     fwd = sum(3 * m.blocks_per_level * 2 * 2 * 27 * c * c * surface_voxels(n // 2**level)
               for level, c in enumerate(m.channels))
@@ -47,7 +47,7 @@ def vae_flops_per_sample(config: VAEPretrainConfig, phase: CurriculumPhase | Non
 def vae_activation_bytes(config: VAEPretrainConfig, phase: CurriculumPhase | None, micro_batch: int,
                          checkpointing: bool) -> float:
     """Saved activations: ~6 tensors of C_l floats per voxel per block (norm, act, conv in and out) in bf16."""
-    n = phase.resolution if phase is not None else config.model.base_resolution
+    n = phase.resolution if phase is not None else config.model.target_resolution
     m = config.model
     per_sample = sum(3 * m.blocks_per_level * 6 * c * 2 * surface_voxels(n // 2**level)
                      for level, c in enumerate(m.channels))
@@ -57,7 +57,7 @@ def vae_activation_bytes(config: VAEPretrainConfig, phase: CurriculumPhase | Non
 VAE_MODEL = register_model_builder(
     "vae_pretrain", build_vae, flops_per_sample=vae_flops_per_sample, activation_bytes=vae_activation_bytes,
     tokens_per_sample=lambda config, phase: surface_voxels(
-        phase.resolution if phase is not None else config.model.base_resolution),
+        phase.resolution if phase is not None else config.model.target_resolution),
     description="SLAT-Interior sparse VAE (two sparse-conv encoders, pruning decoder)",
 )
 
@@ -87,11 +87,11 @@ class VAETask(TrainTask):
     def __init__(self, config: VAEPretrainConfig, data_uri: str):
         self.config = config
         self.data_uri = data_uri
-        self.resolution = config.model.base_resolution
+        self.resolution = config.first_resolution
 
     def build_model(self, config: Any) -> nn.Module:
         model = build_vae(config)
-        model.set_material_prior(mean_material(self.data_uri, config.model.base_resolution))
+        model.set_material_prior(mean_material(self.data_uri, config.first_resolution))
         return model
 
     def _loader(self, split: str, resolution: int, rank: int, world_size: int, seed: int,
@@ -105,11 +105,11 @@ class VAETask(TrainTask):
         )
 
     def make_loader(self, phase: CurriculumPhase | None, rank: int, world_size: int, seed: int) -> SceneLoader:
-        resolution = phase.resolution if phase is not None else self.config.model.base_resolution
+        resolution = phase.resolution if phase is not None else self.config.model.target_resolution
         return self._loader("train", resolution, rank, world_size, seed)
 
     def on_phase(self, phase: CurriculumPhase | None, model: nn.Module) -> None:
-        self.resolution = phase.resolution if phase is not None else self.config.model.base_resolution
+        self.resolution = phase.resolution if phase is not None else self.config.model.target_resolution
 
     def val_batches(self, rank: int, world_size: int) -> Iterable[Any] | None:
         dataset = open_dataset(self.data_uri, self.config.encode.eval_split)

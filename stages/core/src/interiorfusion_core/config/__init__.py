@@ -1,6 +1,22 @@
-"""Config schemas (pydantic v2) and the YAML loader with one-line errors."""
+"""Config schemas (pydantic v2) and the YAML loader with one-line errors. Pydantic only: nothing here imports torch.
 
-from interiorfusion_core.config.loader import LoadedConfig, config_digest, load_config
-from interiorfusion_core.config.schemas import CONFIG_KINDS, StageConfig, detect_kind
+Layers: base (shared blocks, StageSpec) → yamlio (strict YAML) → kinds (entry-point discovery) → pipeline
+(instance graphs) / launcher (accelerate) → loader. Stage schemas live in their stage packages.
+"""
 
-__all__ = ["CONFIG_KINDS", "LoadedConfig", "StageConfig", "config_digest", "detect_kind", "load_config"]
+from interiorfusion_core.config.base import StageConfig, StageSpec, TrainableStageConfig
+from interiorfusion_core.config.kinds import config_kinds, register_kind, stage_specs
+from interiorfusion_core.config.loader import LoadedConfig, config_digest, detect_kind, load_config
+
+__all__ = [
+    "LoadedConfig",
+    "StageConfig",
+    "StageSpec",
+    "TrainableStageConfig",
+    "config_digest",
+    "config_kinds",
+    "detect_kind",
+    "load_config",
+    "register_kind",
+    "stage_specs",
+]

@@ -1,8 +1,12 @@
-"""Building blocks shared by every stage config: strict models and the training/optimiser sections."""
+"""Building blocks shared by every stage config: strict models, the training/optimiser sections, loss terms, the
+stage spec. Pydantic only: validating a config must never import torch or a stage's model code."""
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Annotated, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -22,9 +26,16 @@ NonNegativeInt = Annotated[int, Field(ge=0)]
 Probability = Annotated[float, Field(ge=0, le=1)]
 
 
+# Adam's betas and EMA decays: 1.0 would never forget (Adam divides by 1 - beta**t = 0).
+Decay = Annotated[float, Field(ge=0, lt=1)]
+
+
 def check_resolution(value: int) -> int:
     if value not in RESOLUTIONS:
-        raise ValueError(f"resolution must be one of {', '.join(map(str, RESOLUTIONS))}, got {value}")
+        raise ValueError(
+            f"resolution must be a power of two from {RESOLUTIONS[0]} to {RESOLUTIONS[-1]} (voxel grids halve "
+            f"level by level), got {value}"
+        )
     return value
 
 
@@ -32,7 +43,7 @@ class OptimizerConfig(Strict):
     type: Literal["AdamW"] = "AdamW"
     lr: PositiveFloat = 1.0e-4
     weight_decay: NonNegativeFloat = 0.01
-    betas: tuple[Probability, Probability] = (0.9, 0.999)
+    betas: tuple[Decay, Decay] = (0.9, 0.999)
     eps: PositiveFloat = 1.0e-8
 
 
@@ -57,7 +68,7 @@ class CurriculumPhase(Strict):
 
 
 class EMAConfig(Strict):
-    decay: Probability = 0.9999
+    decay: Decay = 0.9999
     start_step: NonNegativeInt = 0
 
 
@@ -121,19 +132,48 @@ class TrainingConfig(Strict):
 class DataLoaderConfig(Strict):
     """Where a stage reads its samples from; the shards themselves come in as `--input data=URI`."""
 
+    # The dataset this stage trains on: it must be the one its data input holds (the contract checks it).
     dataset: str = "InteriorFusion-Train"
     num_workers: NonNegativeInt = 2
     pin_memory: bool = False
-    # Mixing weight when several datasets feed one stage (the seed's fine-tuning config).
-    weight: NonNegativeFloat = 1.0
     # Fraction of corrupt samples tolerated before the stage fails.
     max_corrupt_fraction: Probability = 0.01
 
 
+# ---------------------------------------------------------------------------------------------- loss terms
+# Each term's `type:` lists exactly what the stage's code implements, so every accepted value changes behaviour
+# and anything else is refused at load.
 class LossTerm(Strict):
+    """A weighted term with no variants (KL, flow matching, ...)."""
+
     weight: NonNegativeFloat = 1.0
-    type: Literal["l1", "l2", "mse", "cosine", "lpips", "bce"] | None = None
-    network: Literal["vgg", "alex", "squeeze"] | None = None
+
+
+class DistanceTerm(LossTerm):
+    """A per-element distance: mean absolute (l1) or mean squared (mse) error."""
+
+    type: Literal["l1", "mse"] = "l1"
+
+
+class SquaredTerm(DistanceTerm):
+    type: Literal["l1", "mse"] = "mse"
+
+
+class CosineTerm(LossTerm):
+    """1 − cosine similarity of unit vectors (normals)."""
+
+    type: Literal["cosine"] = "cosine"
+
+
+class BCETerm(LossTerm):
+    type: Literal["bce"] = "bce"
+
+
+class PerceptualTerm(LossTerm):
+    """LPIPS (the `lpips` package) with the named backbone."""
+
+    type: Literal["lpips"] = "lpips"
+    network: Literal["vgg", "alex", "squeeze"] = "vgg"
 
 
 class PretrainedRef(Strict):
@@ -143,10 +183,35 @@ class PretrainedRef(Strict):
     random_init: bool = False
 
 
+@dataclass(frozen=True)
+class StageSpec:
+    """What the platform knows about a stage without importing it: its name, config kind and inputs (input name →
+    the stage that must have produced it). Declared on the stage's config class, so pipelines are validated as
+    graphs without torch; the stage class (`interiorfusion.stages` entry point) takes its attributes from it."""
+
+    name: str
+    config_kind: str
+    inputs: Mapping[str, str] = field(default_factory=dict)
+    optional_inputs: Mapping[str, str] = field(default_factory=dict)
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "inputs", MappingProxyType(dict(self.inputs)))
+        object.__setattr__(self, "optional_inputs", MappingProxyType(dict(self.optional_inputs)))
+
+    @property
+    def all_inputs(self) -> dict[str, str]:
+        return {**self.inputs, **self.optional_inputs}
+
+
 class StageConfig(Strict):
-    """Base of every stage config. `kind` is optional in files; it is detected from content."""
+    """Base of every config kind. `kind` is optional in files: it is detected from `signature` keys."""
 
     kind: str | None = None
+    # The stage this config kind runs (None: a config that is not a stage's, e.g. pipeline, accelerate).
+    stage: ClassVar[StageSpec | None] = None
+    # Dotted key paths that mark a file without `kind:` as probably this kind (e.g. "loss.albedo").
+    signature: ClassVar[tuple[str, ...]] = ()
 
 
 class TrainableStageConfig(StageConfig):
@@ -156,6 +221,20 @@ class TrainableStageConfig(StageConfig):
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
     training: TrainingConfig = Field(default_factory=TrainingConfig)
+
+    @model_validator(mode="after")
+    def _schedule_fits(self) -> TrainableStageConfig:
+        t = self.training
+        first = t.curriculum[0].steps if t.curriculum else t.max_steps
+        if self.scheduler.warmup_steps >= first:
+            raise ValueError(
+                f"scheduler.warmup_steps ({self.scheduler.warmup_steps}) must be shorter than the first curriculum "
+                f"phase ({first} steps), or the learning rate never reaches its peak"
+            )
+        if t.ema is not None and t.ema.start_step >= t.max_steps:
+            raise ValueError(f"training.ema.start_step ({t.ema.start_step}) must be below training.max_steps "
+                             f"({t.max_steps}), or the EMA never updates")
+        return self
 
     @property
     def base_lr(self) -> float:

@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import json
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import BaseModel, ValidationError
 
-from interiorfusion_core.config.schemas import CONFIG_KINDS, StageConfig, detect_kind
+from interiorfusion_core.config.base import StageConfig
+from interiorfusion_core.config.kinds import broken_kinds, config_class, config_kinds
+from interiorfusion_core.config.yamlio import did_you_mean, parse_yaml, read_yaml
 from interiorfusion_core.errors import ConfigError
 
 
@@ -39,28 +40,6 @@ def config_digest(resolved: dict[str, Any]) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
-def known_kinds() -> dict[str, type[StageConfig]]:
-    """The seed's kinds plus every kind a registered stage brings."""
-    from interiorfusion_core.registry import stage_config_kinds
-
-    return {**CONFIG_KINDS, **stage_config_kinds()}
-
-
-def read_yaml(path: str | Path) -> dict[str, Any]:
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"{path}: file not found")
-    try:
-        data = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"line {mark.line + 1}" if mark else "?"
-        raise ConfigError(f"{path}: {where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(data).__name__}")
-    return data
-
-
 def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...], path: str) -> dict[str, Any]:
     """`a.b.c=value` with value parsed as YAML; list items by index (`training.curriculum.0.lr=1e-5`)."""
     for item in overrides:
@@ -71,8 +50,8 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...],
         if not all(keys):
             raise ConfigError(f"{path}: --set {item}: empty key segment")
         try:
-            value = yaml.safe_load(text)
-        except yaml.YAMLError:
+            value = parse_yaml(text, f"{path}: --set {dotted}")
+        except ConfigError:
             value = text
         node: Any = raw
         for depth, key in enumerate(keys[:-1]):
@@ -104,6 +83,41 @@ def _index(node: list, key: str, at: list[str], path: str) -> int:
     return int(key)
 
 
+def _has(raw: dict[str, Any], dotted: str) -> bool:
+    node: Any = raw
+    for key in dotted.split("."):
+        if not isinstance(node, dict) or key not in node:
+            return False
+        node = node[key]
+    return True
+
+
+def detect_kind(raw: dict[str, Any], path: str = "config") -> str:
+    """The kind named by `kind:`, else the one kind whose signature keys the file has and whose schema accepts it
+    (several accept it: the one matching most signature keys; none accepts it: the one with the fewest errors,
+    so the user sees the error of the kind they meant)."""
+    kind = raw.get("kind")
+    if isinstance(kind, str):
+        return kind
+    kinds = config_kinds()
+    scored = {k: sum(_has(raw, s) for s in cls.signature) for k, cls in kinds.items()}
+    candidates = [k for k, n in scored.items() if n > 0]
+    if not candidates:
+        broken = broken_kinds()
+        note = f"; note: {', '.join(sorted(broken))} could not be loaded" if broken else ""
+        raise ConfigError(
+            f"{path}: cannot tell which kind of config this is; add `kind: <{'|'.join(sorted(kinds))}>`{note}"
+        )
+    errors: dict[str, int] = {}
+    for k in candidates:
+        try:
+            kinds[k].model_validate(raw)
+            errors[k] = 0
+        except ValidationError as exc:
+            errors[k] = len(exc.errors())
+    return min(candidates, key=lambda k: (errors[k], -scored[k], k))
+
+
 def load_config(
     path: str | Path,
     overrides: list[str] | tuple[str, ...] = (),
@@ -112,20 +126,11 @@ def load_config(
     """Validate one config file. Raises ConfigError with `FILE: a.b.c: what is wrong`."""
     path = str(path)
     raw = apply_overrides(read_yaml(path), overrides, path)
-    kinds = known_kinds()
-    detected = detect_kind(raw)
-    if kind is None:
-        kind = detected
-    elif detected is not None and raw.get("kind") is not None and detected != kind:
-        raise ConfigError(f"{path}: kind: this is a '{detected}' config but a '{kind}' config is needed")
-    if kind is None:
-        raise ConfigError(
-            f"{path}: cannot tell which kind of config this is; add `kind: <{'|'.join(sorted(kinds))}>`"
-        )
-    if kind not in kinds:
-        hint = _did_you_mean(kind, kinds)
-        raise ConfigError(f"{path}: kind: unknown kind '{kind}'{hint}")
-    model_cls = kinds[kind]
+    named = raw.get("kind")
+    if kind is not None and isinstance(named, str) and named != kind:
+        raise ConfigError(f"{path}: kind: this is a '{named}' config but a '{kind}' config is needed")
+    kind = kind or detect_kind(raw, path)
+    model_cls = config_class(kind, path)
     try:
         model = model_cls.model_validate(raw)
     except ValidationError as exc:
@@ -141,7 +146,7 @@ def explain(exc: ValidationError, model_cls: type[BaseModel], path: str) -> str:
     where = ".".join(loc) or "(top level)"
     if first["type"] == "extra_forbidden":
         candidates = _fields_at(model_cls, first["loc"][:-1])
-        what = f"unknown key '{loc[-1]}'{_did_you_mean(loc[-1], candidates)}"
+        what = f"unknown key '{loc[-1]}'{did_you_mean(loc[-1], candidates)}"
         if loc[-1] == "deep_speed_config":
             what += " (accelerate reads `deepspeed_config`; the seed's `deep_speed_config` is ignored by it)"
     elif first["type"] == "missing":
@@ -151,37 +156,35 @@ def explain(exc: ValidationError, model_cls: type[BaseModel], path: str) -> str:
         got = first.get("input")
         shown = "" if isinstance(got, dict | list) or got is None else f" (got {got!r})"
         what = f"{msg}{shown}"
+        # A check on the whole file names its own keys: no "(top level)" prefix.
+        if first["type"] == "value_error" and not loc:
+            where = ""
     more = f" [and {len(errors) - 1} more error(s)]" if len(errors) > 1 else ""
-    return f"{path}: {where}: {what}{more}"
+    return f"{path}: {where + ': ' if where else ''}{what}{more}"
 
 
 def _fields_at(model_cls: type[BaseModel], loc: tuple) -> list[str]:
     """Field names of the nested model at `loc` (for did-you-mean), best effort."""
-    import typing
-
     current: Any = model_cls
     for part in loc:
         if isinstance(part, int):
             continue
         if not (isinstance(current, type) and issubclass(current, BaseModel)) or part not in current.model_fields:
             return []
-        annotation = current.model_fields[part].annotation
-        current = _first_model(annotation, typing)
+        current = _first_model(current.model_fields[part].annotation)
     if isinstance(current, type) and issubclass(current, BaseModel):
         return list(current.model_fields)
     return []
 
 
-def _first_model(annotation: Any, typing: Any) -> Any:
+def _first_model(annotation: Any) -> Any:
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return annotation
     for arg in typing.get_args(annotation):
-        found = _first_model(arg, typing)
+        found = _first_model(arg)
         if found is not None:
             return found
     return None
 
 
-def _did_you_mean(word: str, candidates: Any) -> str:
-    close = difflib.get_close_matches(word, list(candidates), n=1, cutoff=0.6)
-    return f" (did you mean '{close[0]}'?)" if close else ""
+__all__ = ["LoadedConfig", "apply_overrides", "config_digest", "detect_kind", "explain", "load_config"]

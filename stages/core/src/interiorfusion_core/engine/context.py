@@ -6,7 +6,7 @@ import tempfile
 from pathlib import Path
 
 from interiorfusion_core.config import LoadedConfig
-from interiorfusion_core.config.schemas import StageConfig
+from interiorfusion_core.config.base import StageConfig
 from interiorfusion_core.contract import RecordingStore, StageContext
 from interiorfusion_core.state import distributed_rank
 from interiorfusion_core.storage import open_store

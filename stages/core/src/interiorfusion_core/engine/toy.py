@@ -25,10 +25,10 @@ from interiorfusion_core.config.base import (
     PositiveInt,
     Probability,
     SchedulerConfig,
+    StageConfig,
     Strict,
     TrainingConfig,
 )
-from interiorfusion_core.config.schemas import StageConfig
 from interiorfusion_core.contract import Stage, StageContext, StageResult
 from interiorfusion_core.engine.data import InMemoryLoader
 from interiorfusion_core.engine.models import register_model_builder

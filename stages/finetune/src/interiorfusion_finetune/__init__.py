@@ -1,0 +1,1 @@
+"""InteriorFusion stage 4: LoRA and GRPO fine-tuning (their config schemas so far; the trainers come next)."""

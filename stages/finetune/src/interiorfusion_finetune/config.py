@@ -1,0 +1,122 @@
+"""The fine-tuning stages' configs: LoRA (`kind: finetune_lora`, the seed's configs/finetune_lora.yaml) and GRPO
+(`kind: rl_finetune`, configs/rl_finetune.yaml). Pydantic only.
+
+Interpretations of the seed:
+- `training.lr` (both files) replaces `optimizer.lr`.
+- `rl.vggt_model: microsoft/VGGT-1B` names the wrong owner; VGGT is published by Meta as `facebook/VGGT-1B`.
+  The seed's id is accepted and resolved to the real one (`RLConfig.resolved_vggt_model`).
+- `training.num_iterations` (GRPO) is the number of policy updates: the engine's `max_steps`.
+- `training.kl_penalty` is the weight of the KL to the frozen reference policy.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar, Literal
+
+from pydantic import Field, model_validator
+
+from interiorfusion_core.config.base import (
+    DataLoaderConfig,
+    NonNegativeFloat,
+    PositiveFloat,
+    PositiveInt,
+    StageSpec,
+    Strict,
+    TrainableStageConfig,
+    TrainingConfig,
+)
+
+
+class LoRAConfig(Strict):
+    rank: PositiveInt = 32
+    alpha: PositiveFloat = 32
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["attention.qkv", "attention.proj", "mlp.fc1", "mlp.fc2"], min_length=1
+    )
+    # A dropout probability of 1 would zero every adapter input.
+    dropout: float = Field(default=0.0, ge=0, lt=1)
+
+
+class MixedDataConfig(DataLoaderConfig):
+    # Mixing weight when several datasets feed one stage (the seed's fine-tuning config).
+    weight: NonNegativeFloat = 1.0
+
+
+class FinetuneLoRAConfig(TrainableStageConfig):
+    kind: Literal["finetune_lora"] | None = None
+    stage: ClassVar[StageSpec] = StageSpec(
+        name="lora", config_kind="finetune_lora", inputs={"structure": "structure", "data": "data"},
+        optional_inputs={"material": "material"},
+        description="LoRA fine-tuning of the DiTs on real scans",
+    )
+    signature: ClassVar[tuple[str, ...]] = ("lora",)
+    lora: LoRAConfig = Field(default_factory=LoRAConfig)
+    training: TrainingConfig = Field(default_factory=lambda: TrainingConfig(lr=1.0e-5))
+    data: MixedDataConfig = Field(default_factory=lambda: MixedDataConfig(dataset="InteriorFusion-Real"))
+
+
+VGGT_ID_FIXES = {"microsoft/VGGT-1B": "facebook/VGGT-1B"}
+
+
+class RLRewardWeights(Strict):
+    depth_consistency: NonNegativeFloat = 0.25
+    point_cloud_consistency: NonNegativeFloat = 0.25
+    pose_stability: NonNegativeFloat = 0.25
+    edit_quality: NonNegativeFloat = 0.25
+
+    @model_validator(mode="after")
+    def _some(self) -> RLRewardWeights:
+        if not any(self.model_dump().values()):
+            raise ValueError("at least one reward weight must be positive (an all-zero reward gives zero advantages)")
+        return self
+
+
+class RLConfig(Strict):
+    algorithm: Literal["GRPO"] = "GRPO"
+    group_size: int = Field(default=8, ge=2)  # advantages are normalised within a group: 1 sample has none
+    reward_weights: RLRewardWeights = Field(default_factory=RLRewardWeights)
+    vggt_model: str = "facebook/VGGT-1B"
+    vggt_random_init: bool = False
+    # PPO's ratio clip: the ratio is kept within [1 − clip_range, 1 + clip_range].
+    clip_range: float = Field(default=1.0e-4, gt=0, lt=1)
+    # Flow-GRPO's SDE noise level a in σ_t = a·sqrt(...); 0 would be the deterministic ODE (no log-probability).
+    sde_noise_level: float = Field(default=0.7, gt=0, le=2)
+    sampling_steps: int = Field(default=10, ge=2)
+    advantage_std: Literal["group", "batch"] = "group"
+
+    @property
+    def resolved_vggt_model(self) -> str:
+        return VGGT_ID_FIXES.get(self.vggt_model, self.vggt_model)
+
+
+class RLTrainingConfig(TrainingConfig):
+    """The seed's RL `training:` block on top of the engine's: `num_iterations` is `max_steps`."""
+
+    num_iterations: PositiveInt | None = None
+    kl_penalty: NonNegativeFloat = 0.01
+
+    @model_validator(mode="before")
+    @classmethod
+    def _iterations_are_steps(cls, data: object) -> object:
+        if isinstance(data, dict) and data.get("num_iterations") is not None:
+            if data.get("max_steps") is not None and data["max_steps"] != data["num_iterations"]:
+                raise ValueError("training.num_iterations and training.max_steps disagree; set one of them")
+            data = {**data, "max_steps": data["num_iterations"]}
+        return data
+
+
+class RLFinetuneConfig(TrainableStageConfig):
+    kind: Literal["rl_finetune"] | None = None
+    stage: ClassVar[StageSpec] = StageSpec(
+        name="grpo", config_kind="rl_finetune", inputs={"structure": "structure"},
+        optional_inputs={"material": "material", "lora": "lora", "data": "data"},
+        description="GRPO reinforcement fine-tuning with geometric rewards",
+    )
+    signature: ClassVar[tuple[str, ...]] = ("rl",)
+    rl: RLConfig = Field(default_factory=RLConfig)
+    training: RLTrainingConfig = Field(
+        default_factory=lambda: RLTrainingConfig(num_iterations=10000, lr=1.0e-6)
+    )
+
+
+__all__ = ["FinetuneLoRAConfig", "LoRAConfig", "RLConfig", "RLFinetuneConfig", "RLTrainingConfig"]

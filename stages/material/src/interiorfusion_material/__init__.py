@@ -1,0 +1,1 @@
+"""InteriorFusion stage 3: the Material DiT (its config schema so far; the model comes next)."""
