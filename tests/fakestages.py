@@ -60,3 +60,21 @@ class UpperStage(Stage):
         text = ctx.inputs["source"].read_bytes("text.txt").decode()
         ctx.output.put_bytes("upper.txt", text.upper().encode())
         return StageResult(outputs={"text": "upper.txt"})
+
+
+class LinkConfig(StageConfig):
+    kind: str | None = "link"
+
+
+@register_stage
+class LinkStage(Stage):
+    """Chains to another `link` instance (optional input): lets pipeline tests build cycles and fan-outs."""
+
+    name = "link"
+    config_kind = "link"
+    config_model = LinkConfig
+    optional_inputs: ClassVar[dict[str, str]] = {"prev": "link"}
+
+    def run(self, ctx: StageContext) -> StageResult:
+        ctx.output.put_bytes("link.txt", b"link")
+        return StageResult()

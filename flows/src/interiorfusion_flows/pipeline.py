@@ -97,9 +97,12 @@ def select_instances(graph: PipelineGraph, only: str | None, from_stage: str | N
     return set(graph.order)
 
 
-def _previous_outputs(store: ArtifactStore, run: str | None) -> dict[str, str]:
+def _previous_outputs(store: ArtifactStore, run: str | None, required: bool) -> dict[str, str]:
+    """The outputs recorded by the latest (or the named) pipeline run; `required`: the selection builds on them."""
     key = f"runs/{run}.json" if run else "runs/latest.json"
     if not store.exists(key):
+        if not required and run is None:
+            return {}
         what = f"pipeline run '{run}'" if run else "an earlier pipeline run"
         raise UserError(f"{store.uri_for(key)}: no record of {what}; run the whole pipeline once first")
     return store.get_json(key)["stages"]
@@ -126,7 +129,8 @@ def interiorfusion_pipeline(
                         f"{', '.join(graph.order)})")
     needed = set().union(*(graph.upstream_of(n) for n in selected)) - selected
     store = pipeline_store(cfg)
-    previous = _previous_outputs(store, upstream_run) if needed else {}
+    # A partial run carries the other instances' outputs over, so the record stays whole for the next --only.
+    previous = _previous_outputs(store, upstream_run, bool(needed)) if selected != set(graph.order) else {}
     run_id = f"{datetime.now(UTC):%Y%m%dT%H%M%SZ}-{(flow_run.get_id() or 'local')[:8]}"
     parent = Tracker(f"pipeline:{cfg.name}", experiment=cfg.experiment,
                      tags={"interiorfusion.pipeline": cfg.name, "interiorfusion.pipeline_run": run_id})

@@ -136,9 +136,10 @@ class PipelineGraph:
 
     def _topological(self, enabled: list[str], where: str) -> list[str]:
         rank = {s: i for i, s in enumerate(PIPELINE_ORDER)}
+        written = {n: i for i, n in enumerate(self.cfg.stages)}
 
-        def key(n: str) -> tuple[int, str]:
-            return rank.get(self.specs[n].name, len(rank)), n
+        def key(n: str) -> tuple[int, int]:  # independent instances: pipeline stage order, then as written
+            return rank.get(self.specs[n].name, len(rank)), written[n]
 
         done: list[str] = []
         state: dict[str, int] = {}  # 1 = on the current path, 2 = finished
