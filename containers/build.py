@@ -42,7 +42,19 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 CONTAINERS = REPO / "containers"
-DEFAULT_TORCH_SPEC = "torch==2.13.0+cpu"
+IMAGE_TORCH_PIN = REPO / "requirements" / "torch-cpu-image.txt"
+
+
+def image_torch_spec() -> str:
+    """The CPU images' torch requirement, from its one pin file."""
+    lines = [ln.strip() for ln in IMAGE_TORCH_PIN.read_text().splitlines()]
+    specs = [ln for ln in lines if ln and not ln.startswith("#")]
+    if len(specs) != 1:
+        raise SystemExit(f"{IMAGE_TORCH_PIN}: expected exactly one requirement line, found {len(specs)}")
+    return specs[0]
+
+
+DEFAULT_TORCH_SPEC = image_torch_spec()
 DEBIAN_IMAGE = "interiorfusion/debian-python:bookworm"
 DEBIAN_PACKAGES = "python3,python3-venv,python3-pip,ca-certificates"
 DEBIAN_MIRROR = "http://deb.debian.org/debian"

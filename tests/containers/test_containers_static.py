@@ -69,7 +69,9 @@ def test_final_stage_runs_as_numeric_non_root(dockerfile):
 def test_base_dockerfile_contract():
     text = (REPO / "containers" / "base" / "Dockerfile").read_text()
     assert re.search(r"^ARG BASE_IMAGE=python:3\.11-slim$", text, flags=re.M)
-    assert re.search(r"^ARG TORCH_SPEC=torch==2\.13\.0\+cpu$", text, flags=re.M)
+    pin = load_build_module().image_torch_spec()
+    assert "+cpu" in pin  # CPU images must never resolve a CUDA build
+    assert re.search(rf"^ARG TORCH_SPEC={re.escape(pin)}$", text, flags=re.M), "Dockerfile default != pin file"
     assert "--no-index --find-links /wheels" in text
     assert "COPY --from=deps /opt/venv /opt/venv" in text
     # The runtime stage never sees the wheels: only the venv and the overlay are copied in.
@@ -147,7 +149,8 @@ def test_requirement_name(req, name):
 
 def test_build_cli_defaults_pin_cpu_torch():
     args = load_build_module().parse_args([])
-    assert args.torch_spec == "torch==2.13.0+cpu" and not args.online and args.network == "host"
+    pin = (REPO / "requirements" / "torch-cpu-image.txt").read_text().strip().splitlines()[-1]
+    assert args.torch_spec == pin and not args.online and args.network == "host"
 
 
 def test_source_digest_ignores_build_outputs(tmp_path):
