@@ -226,10 +226,10 @@ class TrainableStageConfig(StageConfig):
     def _schedule_fits(self) -> TrainableStageConfig:
         t = self.training
         first = t.curriculum[0].steps if t.curriculum else t.max_steps
-        if self.scheduler.warmup_steps >= first:
+        if self.scheduler.warmup_steps > first:
             raise ValueError(
-                f"scheduler.warmup_steps ({self.scheduler.warmup_steps}) must be shorter than the first curriculum "
-                f"phase ({first} steps), or the learning rate never reaches its peak"
+                f"scheduler.warmup_steps ({self.scheduler.warmup_steps}) must not exceed the first curriculum phase "
+                f"({first} steps), or the learning rate never reaches its peak"
             )
         if t.ema is not None and t.ema.start_step >= t.max_steps:
             raise ValueError(f"training.ema.start_step ({t.ema.start_step}) must be below training.max_steps "
