@@ -2,6 +2,11 @@
 
 Embedded default: `sqlite:///<state dir>/mlflow.db` with artifacts beside it; `MLFLOW_TRACKING_URI` wins.
 The client API is used (not mlflow's fluent globals) so concurrent stages in one process never share state.
+
+What the MLflow UI shows, and which tag or call puts it there (checked against mlflow 3.17):
+- experiments are tagged `mlflow.experimentKind=custom_model_development` (a model-training experiment);
+  3.17's UI picks its GenAI or model-training view from the `workflowType` URL parameter (or the user's last
+  choice), so the links made here (`Tracker.experiment_url`, `run_url`) carry `workflowType=machine_learning`.
 """
 
 from __future__ import annotations
@@ -22,6 +27,13 @@ from interiorfusion_core.state import distributed_rank, state_dir
 DEFAULT_EXPERIMENT = "interiorfusion"
 SECRET_PATTERN = re.compile(r"(secret|password|passwd|token|access_key|credential|api_key|private_key)", re.I)
 PARAM_VALUE_LIMIT = 6000
+
+# The experiment tag MLflow 3's UI reads and writes for an experiment's kind (its `ExperimentKind` values
+# include "genai_development" and "custom_model_development"; mlflow/server/js/build/static/js/main.*.js).
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+TRAINING_EXPERIMENT_KIND = "custom_model_development"
+# The UI's view switch (GenAI / Model training), read from the URL before the user's stored choice.
+UI_TRAINING_VIEW = "workflowType=machine_learning"
 
 
 def tracking_uri() -> str:
@@ -70,17 +82,45 @@ def check_server(uri: str | None = None, timeout: float = 5.0) -> None:
 
 
 def experiment_id(client: Any, name: str) -> str:
+    """The id of the experiment `name`, created if missing; either way marked as a model-training experiment."""
     exp = client.get_experiment_by_name(name)
     if exp is not None:
+        mark_training_experiment(client, exp)
         return exp.experiment_id
     location = None
     if not tracking_uri().startswith(("http://", "https://", "databricks")):
         location = (state_dir() / "mlartifacts").as_uri()
     try:
-        return client.create_experiment(name, artifact_location=location)
+        return client.create_experiment(
+            name, artifact_location=location, tags={EXPERIMENT_KIND_TAG: TRAINING_EXPERIMENT_KIND}
+        )
     except Exception:
         # Another process created it first.
-        return client.get_experiment_by_name(name).experiment_id
+        exp = client.get_experiment_by_name(name)
+        mark_training_experiment(client, exp)
+        return exp.experiment_id
+
+
+def mark_training_experiment(client: Any, experiment: Any) -> None:
+    """Tag an experiment (an `mlflow.entities.Experiment`) as a model-training one unless it already is.
+    The pipelines own the experiments they write to, so another kind (e.g. one the UI inferred) is replaced."""
+    if (experiment.tags or {}).get(EXPERIMENT_KIND_TAG) != TRAINING_EXPERIMENT_KIND:
+        client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, TRAINING_EXPERIMENT_KIND)
+
+
+def ui_url(experiment_id: str, run_id: str | None = None, uri: str | None = None) -> str | None:
+    """The MLflow UI page of an experiment's runs table (or of one run), in the model-training view; None when
+    the tracking URI is not a server (`mlflow ui` on a local store serves the same `#/...` paths)."""
+    uri = uri or tracking_uri()
+    if not uri.startswith(("http://", "https://")):
+        return None
+    return f"{uri.rstrip('/')}/{ui_path(experiment_id, run_id)}"
+
+
+def ui_path(experiment_id: str, run_id: str | None = None) -> str:
+    """The UI's own route, relative to its root: `#/experiments/<id>/runs[/<run id>]?workflowType=...`."""
+    run = f"/{run_id}" if run_id else ""
+    return f"#/experiments/{experiment_id}/runs{run}?{UI_TRAINING_VIEW}"
 
 
 class Tracker:
@@ -103,6 +143,7 @@ class Tracker:
         self.flush_seconds = flush_seconds
         self._metrics: list[Any] = []
         self._last_flush = time.monotonic()
+        self._experiment_id: str | None = None
         if run_id is not None:
             self.run_id = run_id
             return
@@ -110,12 +151,28 @@ class Tracker:
         all_tags = dict(tags or {})
         if parent_run_id:
             all_tags["mlflow.parentRunId"] = parent_run_id
-        run = self.client.create_run(experiment_id(self.client, exp_name), run_name=run_name, tags=all_tags)
+        self._experiment_id = experiment_id(self.client, exp_name)
+        run = self.client.create_run(self._experiment_id, run_name=run_name, tags=all_tags)
         self.run_id = run.info.run_id
 
     @property
     def enabled(self) -> bool:
         return True
+
+    @property
+    def experiment_id(self) -> str | None:
+        if self._experiment_id is None:
+            self._experiment_id = self.client.get_run(self.run_id).info.experiment_id
+        return self._experiment_id
+
+    @property
+    def experiment_url(self) -> str | None:
+        """This run's experiment in the UI's model-training runs table (None without a tracking server)."""
+        return ui_url(self.experiment_id)
+
+    @property
+    def run_url(self) -> str | None:
+        return ui_url(self.experiment_id, self.run_id)
 
     def log_params(self, params: Mapping[str, Any]) -> None:
         from mlflow.entities import Param
@@ -187,6 +244,18 @@ class NullTracker(Tracker):
     @property
     def enabled(self) -> bool:
         return False
+
+    @property
+    def experiment_id(self) -> str | None:
+        return None
+
+    @property
+    def experiment_url(self) -> str | None:
+        return None
+
+    @property
+    def run_url(self) -> str | None:
+        return None
 
     def log_params(self, params: Mapping[str, Any]) -> None: ...
     def log_config(self, resolved: Mapping[str, Any]) -> None: ...
