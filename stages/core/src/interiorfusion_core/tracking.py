@@ -6,20 +6,25 @@ The client API is used (not mlflow's fluent globals) so concurrent stages in one
 What the MLflow UI shows, and which tag or call puts it there (checked against mlflow 3.17):
 - experiments are tagged `mlflow.experimentKind=custom_model_development` (a model-training experiment);
   3.17's UI picks its GenAI or model-training view from the `workflowType` URL parameter (or the user's last
-  choice), so the links made here (`Tracker.experiment_url`, `run_url`) carry `workflowType=machine_learning`.
+  choice), so the links made here (`Tracker.experiment_url`, `run_url`) carry `workflowType=machine_learning`;
+- every run gets MLflow's own source tags (`source_tags`: git commit, source name and type), shown in the runs
+  table's Source column and on the run page.
 """
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import os
 import re
+import subprocess
 import tempfile
 import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 from interiorfusion_core.errors import UserError
 from interiorfusion_core.state import distributed_rank, state_dir
@@ -34,6 +39,12 @@ EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 TRAINING_EXPERIMENT_KIND = "custom_model_development"
 # The UI's view switch (GenAI / Model training), read from the URL before the user's stored choice.
 UI_TRAINING_VIEW = "workflowType=machine_learning"
+# MLflow's own run tags (mlflow.utils.mlflow_tags), set by the client API only when given.
+SOURCE_NAME_TAG = "mlflow.source.name"
+SOURCE_TYPE_TAG = "mlflow.source.type"
+GIT_COMMIT_TAG = "mlflow.source.git.commit"
+GIT_BRANCH_TAG = "mlflow.source.git.branch"
+GIT_REPO_URL_TAG = "mlflow.source.git.repoURL"
 
 
 def tracking_uri() -> str:
@@ -123,6 +134,44 @@ def ui_path(experiment_id: str, run_id: str | None = None) -> str:
     return f"#/experiments/{experiment_id}/runs{run}?{UI_TRAINING_VIEW}"
 
 
+def _git(*args: str) -> str:
+    try:
+        proc = subprocess.run(["git", *args], capture_output=True, text=True, timeout=5, cwd=Path(__file__).parent)
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return proc.stdout.strip() if proc.returncode == 0 else ""
+
+
+def _strip_credentials(url: str) -> str:
+    parts = urlsplit(url)
+    if not parts.scheme or "@" not in parts.netloc:
+        return url  # also scp-style `git@host:org/repo.git`, which carries no secret
+    return urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], parts.path, parts.query, parts.fragment))
+
+
+@functools.cache
+def source_tags() -> dict[str, str]:
+    """MLflow's source tags for the code running now, computed once per process: the commit from
+    `INTERIORFUSION_GIT_SHA` (images and CI set it) or else `git rev-parse HEAD` of this package's checkout;
+    the branch and remote URL only when they describe that same commit. Empty when no commit is known."""
+    head = _git("rev-parse", "HEAD")
+    sha = os.environ.get("INTERIORFUSION_GIT_SHA", "").strip() or head
+    if not sha:
+        return {}
+    tags = {GIT_COMMIT_TAG: sha, SOURCE_TYPE_TAG: "LOCAL", SOURCE_NAME_TAG: "interiorfusion"}
+    if head == sha:
+        branch = _git("rev-parse", "--abbrev-ref", "HEAD")
+        if branch and branch != "HEAD":
+            tags[GIT_BRANCH_TAG] = branch
+        names = _git("remote").split()
+        name = "origin" if "origin" in names else next(iter(names), "")
+        remote = _git("remote", "get-url", name) if name else ""
+        if remote:
+            # The UI shows the source name's last path part and links it when it is a GitHub/GitLab URL.
+            tags[GIT_REPO_URL_TAG] = tags[SOURCE_NAME_TAG] = _strip_credentials(remote)
+    return tags
+
+
 class Tracker:
     """A handle on one MLflow run. Metrics are buffered and sent with log_batch."""
 
@@ -148,7 +197,7 @@ class Tracker:
             self.run_id = run_id
             return
         exp_name = experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT
-        all_tags = dict(tags or {})
+        all_tags = {**source_tags(), **(tags or {})}
         if parent_run_id:
             all_tags["mlflow.parentRunId"] = parent_run_id
         self._experiment_id = experiment_id(self.client, exp_name)
