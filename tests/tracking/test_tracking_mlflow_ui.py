@@ -1,8 +1,9 @@
-"""What the Tracker writes for the MLflow UI: the experiment kind, source tags.
+"""What the Tracker writes for the MLflow UI: the experiment kind, source tags, dataset inputs.
 These run against the test session's SQLite store; tests/tracking/test_tracking_browser.py renders them."""
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Iterator
 
@@ -10,7 +11,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from interiorfusion_core import tracking
-from interiorfusion_core.tracking import NullTracker, Tracker, source_tags, tracking_uri, ui_url
+from interiorfusion_core.tracking import NullTracker, Tracker, dataset_input, source_tags, tracking_uri, ui_url
 
 SHA = "0123456789abcdef0123456789abcdef01234567"
 
@@ -97,8 +98,42 @@ def test_every_run_carries_the_source_tags(
     assert tags["mlflow.source.git.commit"] == SHA and tags["mlflow.source.name"] == "x"  # the caller's tags win
 
 
+def test_dataset_input_is_logged_like_mlflow_datasets(experiment: str, client: MlflowClient) -> None:
+    digest = "ab" * 32
+    run = Tracker("vae", experiment=experiment)
+    run.log_dataset_input(
+        "data",
+        "s3://bucket/pipelines/p/data/0123",
+        digest,
+        profile={"scenes": 12},
+        schema={"mlflow_colspec": [{"type": "string", "name": "scene"}]},
+    )
+    run.end()
+    [inp] = client.get_run(run.run_id).inputs.dataset_inputs
+    ds = inp.dataset
+    assert (ds.name, ds.digest, ds.source_type) == ("data", digest[:8], "s3")
+    assert json.loads(ds.source) == {"uri": "s3://bucket/pipelines/p/data/0123"}
+    assert json.loads(ds.profile) == {"scenes": 12} and "mlflow_colspec" in json.loads(ds.schema)
+    assert {t.key: t.value for t in inp.tags} == {"mlflow.data.context": "training", "interiorfusion.digest": digest}
+
+
+@pytest.mark.parametrize(
+    ("uri", "source_type", "source"),
+    [
+        ("/data/shards", "local", {"uri": "/data/shards"}),
+        ("file:///data/shards", "local", {"uri": "file:///data/shards"}),
+        ("gs://b/shards", "gs", {"uri": "gs://b/shards"}),
+        ("https://h/shards", "http", {"url": "https://h/shards"}),
+    ],
+)
+def test_dataset_sources_match_mlflow_source_types(uri: str, source_type: str, source: dict) -> None:
+    ds = dataset_input("data", uri, "f" * 64, context="evaluation").dataset
+    assert ds.source_type == source_type and json.loads(ds.source) == source and ds.profile is None
+
+
 def test_null_tracker_accepts_the_new_calls() -> None:
     t = NullTracker()
+    t.log_dataset_input("data", "/x", "d" * 64, context="evaluation", profile={"n": 1})
     assert t.experiment_id is None and t.experiment_url is None and t.run_url is None
     own = {name for name, value in vars(Tracker).items() if callable(value) and not name.startswith("_")}
     assert own <= set(vars(NullTracker)), "every Tracker method needs a no-op in NullTracker"

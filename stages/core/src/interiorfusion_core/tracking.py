@@ -8,7 +8,8 @@ What the MLflow UI shows, and which tag or call puts it there (checked against m
   3.17's UI picks its GenAI or model-training view from the `workflowType` URL parameter (or the user's last
   choice), so the links made here (`Tracker.experiment_url`, `run_url`) carry `workflowType=machine_learning`;
 - every run gets MLflow's own source tags (`source_tags`: git commit, source name and type), shown in the runs
-  table's Source column and on the run page.
+  table's Source column and on the run page;
+- `log_dataset_input` fills the runs table's Dataset column.
 """
 
 from __future__ import annotations
@@ -45,6 +46,9 @@ SOURCE_TYPE_TAG = "mlflow.source.type"
 GIT_COMMIT_TAG = "mlflow.source.git.commit"
 GIT_BRANCH_TAG = "mlflow.source.git.branch"
 GIT_REPO_URL_TAG = "mlflow.source.git.repoURL"
+DATASET_CONTEXT_TAG = "mlflow.data.context"
+# MLflow's own dataset digests are 8 hex characters (mlflow.data.digest_utils); the store allows at most 36.
+DATASET_DIGEST_LENGTH = 8
 
 
 def tracking_uri() -> str:
@@ -279,9 +283,61 @@ class Tracker:
                 p.write_bytes(buf.getvalue())
             self.log_artifact(p, "images")
 
+    def log_dataset_input(
+        self,
+        name: str,
+        uri: str,
+        digest: str,
+        *,
+        context: str = "training",
+        profile: Mapping[str, Any] | str | None = None,
+        schema: Mapping[str, Any] | str | None = None,
+    ) -> None:
+        """Record a stage output this run reads (e.g. the data stage's shards) as an MLflow dataset input: the
+        runs table's Dataset column shows `name` and the short digest. `name` is the producing stage instance,
+        `uri` its output prefix, `digest` its manifest's digest (kept whole in the input tag
+        `interiorfusion.digest`); `context` is MLflow's dataset context ("training", "evaluation", ...)."""
+        self.client.log_inputs(self.run_id, datasets=[dataset_input(name, uri, digest, context, profile, schema)])
+
     def end(self, status: str = "FINISHED") -> None:
         self.flush()
         self.client.set_terminated(self.run_id, status=status)
+
+
+def dataset_input(
+    name: str,
+    uri: str,
+    digest: str,
+    context: str = "training",
+    profile: Mapping[str, Any] | str | None = None,
+    schema: Mapping[str, Any] | str | None = None,
+) -> Any:
+    """An `mlflow.entities.DatasetInput` for a stage output at `uri`, with the source type and source JSON that
+    MLflow's own dataset sources give such a URI ("local" + {"uri"} for paths and file://, the scheme + {"uri"}
+    for s3:// and the like, "http" + {"url"} for http(s)://)."""
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    scheme = urlsplit(uri).scheme
+    if scheme in ("", "file") or len(scheme) == 1:  # a Windows drive letter is a path too
+        source_type, source = "local", {"uri": uri}
+    elif scheme in ("http", "https"):
+        source_type, source = "http", {"url": uri}
+    else:
+        source_type, source = scheme, {"uri": uri}
+
+    def as_text(value: Mapping[str, Any] | str | None) -> str | None:
+        return value if value is None or isinstance(value, str) else json.dumps(dict(value), sort_keys=True)
+
+    dataset = Dataset(
+        name=name,
+        digest=digest[:DATASET_DIGEST_LENGTH],
+        source_type=source_type,
+        source=json.dumps(source),
+        schema=as_text(schema),
+        profile=as_text(profile),
+    )
+    tags = [InputTag(DATASET_CONTEXT_TAG, context), InputTag("interiorfusion.digest", digest)]
+    return DatasetInput(dataset, tags=tags)
 
 
 class NullTracker(Tracker):
@@ -314,6 +370,16 @@ class NullTracker(Tracker):
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None: ...
     def log_dict(self, obj: Any, name: str) -> None: ...
     def log_image(self, image: Any, name: str) -> None: ...
+    def log_dataset_input(
+        self,
+        name: str,
+        uri: str,
+        digest: str,
+        *,
+        context: str = "training",
+        profile: Mapping[str, Any] | str | None = None,
+        schema: Mapping[str, Any] | str | None = None,
+    ) -> None: ...
     def end(self, status: str = "FINISHED") -> None: ...
 
 
