@@ -1,4 +1,4 @@
-"""What the Tracker writes for the MLflow UI: the experiment kind, source tags, dataset inputs.
+"""What the Tracker writes for the MLflow UI: the experiment kind, source tags, dataset inputs, cached children.
 These run against the test session's SQLite store; tests/tracking/test_tracking_browser.py renders them."""
 
 from __future__ import annotations
@@ -131,9 +131,54 @@ def test_dataset_sources_match_mlflow_source_types(uri: str, source_type: str, s
     assert ds.source_type == source_type and json.loads(ds.source) == source and ds.profile is None
 
 
+def test_cached_stage_is_a_finished_child_copying_the_original(experiment: str, client: MlflowClient) -> None:
+    first = Tracker("pipeline:p", experiment=experiment)
+    original = Tracker(
+        "data",
+        experiment=experiment,
+        parent_run_id=first.run_id,
+        tags={"interiorfusion.stage": "data", "interiorfusion.cache_key": "k1"},
+    )
+    original.log_params({"data.scenes": 4})
+    original.log_metrics({"train/loss": 2.0}, step=1)
+    original.log_metrics({"train/loss": 0.5}, step=9)
+    original.log_metrics({"final/scenes": 4}, step=0)
+    original.log_dataset_input("raw", "/raw", "c" * 64)
+    original.end()
+    first.end()
+
+    rerun = Tracker("pipeline:p", experiment=experiment)
+    child_id = rerun.log_cached_child("data", original.run_id, metrics={"final/scenes": 99, "final/extra": 1.0})
+    rerun.end()
+    child = client.get_run(child_id)
+    tags = child.data.tags
+    assert child.info.status == "FINISHED" and child.info.run_name == "data"
+    assert child.info.experiment_id == rerun.experiment_id
+    assert tags["mlflow.parentRunId"] == rerun.run_id
+    assert tags["interiorfusion.cached"] == "true" and tags["interiorfusion.cached_run_id"] == original.run_id
+    assert tags["interiorfusion.stage"] == "data" and tags["interiorfusion.cache_key"] == "k1"
+    assert f"#/experiments/{first.experiment_id}/runs/{original.run_id}" in tags["mlflow.note.content"]
+    assert "interiorfusion.cached_run_url" not in tags  # no server: no absolute URL to give
+    # The original's latest values win; the caller's fill in what it lacks.
+    assert child.data.metrics == {"train/loss": 0.5, "final/scenes": 4.0, "final/extra": 1.0}
+    assert child.data.params == {"data.scenes": "4"}
+    assert [i.dataset.name for i in child.inputs.dataset_inputs] == ["raw"]
+
+
+def test_cached_child_without_a_readable_original(experiment: str, client: MlflowClient) -> None:
+    rerun = Tracker("pipeline:p", experiment=experiment)
+    gone = rerun.log_cached_child("vae", "0" * 32, metrics={"final/loss": 0.25})
+    none = rerun.log_cached_child("data", None)
+    rerun.end()
+    run = client.get_run(gone)
+    assert run.data.metrics == {"final/loss": 0.25} and run.data.tags["interiorfusion.cached_run_id"] == "0" * 32
+    assert client.get_run(none).data.tags["interiorfusion.cached"] == "true"
+
+
 def test_null_tracker_accepts_the_new_calls() -> None:
     t = NullTracker()
     t.log_dataset_input("data", "/x", "d" * 64, context="evaluation", profile={"n": 1})
+    assert t.log_cached_child("data", "abc", metrics={"a": 1.0}) is None
     assert t.experiment_id is None and t.experiment_url is None and t.run_url is None
     own = {name for name, value in vars(Tracker).items() if callable(value) and not name.startswith("_")}
     assert own <= set(vars(NullTracker)), "every Tracker method needs a no-op in NullTracker"

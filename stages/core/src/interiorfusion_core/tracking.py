@@ -9,7 +9,8 @@ What the MLflow UI shows, and which tag or call puts it there (checked against m
   choice), so the links made here (`Tracker.experiment_url`, `run_url`) carry `workflowType=machine_learning`;
 - every run gets MLflow's own source tags (`source_tags`: git commit, source name and type), shown in the runs
   table's Source column and on the run page;
-- `log_dataset_input` fills the runs table's Dataset column.
+- `log_dataset_input` fills the runs table's Dataset column; `log_cached_child` keeps a cached stage visible
+  as a child of a rerun's pipeline run.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ SOURCE_TYPE_TAG = "mlflow.source.type"
 GIT_COMMIT_TAG = "mlflow.source.git.commit"
 GIT_BRANCH_TAG = "mlflow.source.git.branch"
 GIT_REPO_URL_TAG = "mlflow.source.git.repoURL"
+NOTE_TAG = "mlflow.note.content"
 DATASET_CONTEXT_TAG = "mlflow.data.context"
 # MLflow's own dataset digests are 8 hex characters (mlflow.data.digest_utils); the store allows at most 36.
 DATASET_DIGEST_LENGTH = 8
@@ -299,6 +301,76 @@ class Tracker:
         `interiorfusion.digest`); `context` is MLflow's dataset context ("training", "evaluation", ...)."""
         self.client.log_inputs(self.run_id, datasets=[dataset_input(name, uri, digest, context, profile, schema)])
 
+    def log_cached_child(
+        self,
+        name: str,
+        cached_run_id: str | None,
+        *,
+        metrics: Mapping[str, float] | None = None,
+        tags: Mapping[str, str] | None = None,
+    ) -> str | None:
+        """A FINISHED child run of this (pipeline) run for a stage that a rerun found cached, so the new pipeline
+        run still lists every stage. Returns the child's run id.
+
+        MLflow has no run-to-run link besides `mlflow.parentRunId` (its other links join runs to logged models
+        and datasets), so the child is a stand-in that points at the run which did the work: the tags
+        `interiorfusion.cached=true`, `interiorfusion.cached_run_id` and, with a server,
+        `interiorfusion.cached_run_url`, plus a description (`mlflow.note.content`) linking to it. It carries
+        the original's latest metric values (not their histories: the curves stay on the original), params,
+        dataset inputs, `interiorfusion.*` and source tags (the code that produced the output), so the runs
+        table compares it with its siblings. `metrics` fill in values the original lacks, or stand in when it
+        cannot be read (another tracking store, deleted)."""
+        from mlflow.entities import Metric, Param
+
+        original = None
+        if cached_run_id:
+            try:
+                original = self.client.get_run(cached_run_id)
+            except Exception:
+                original = None
+        child_tags: dict[str, str] = {**source_tags()}
+        values: dict[str, float] = {}
+        params: list[Any] = []
+        inputs: list[Any] = []
+        if original is not None:
+            child_tags.update(
+                {
+                    k: v
+                    for k, v in original.data.tags.items()
+                    if k.startswith(("interiorfusion.", "mlflow.source.")) and not k.startswith("interiorfusion.cached")
+                }
+            )
+            values.update(original.data.metrics)
+            params = [Param(k, v) for k, v in original.data.params.items()]
+            inputs = list(original.inputs.dataset_inputs) if original.inputs else []
+        for k, v in (metrics or {}).items():
+            values.setdefault(k, float(v))
+        child_tags.update(tags or {})
+        child_tags.update({"mlflow.parentRunId": self.run_id, "interiorfusion.cached": "true"})
+        if cached_run_id:
+            child_tags["interiorfusion.cached_run_id"] = cached_run_id
+            where = original.info.experiment_id if original is not None else self.experiment_id
+            url = ui_url(where, cached_run_id)
+            if url:
+                child_tags["interiorfusion.cached_run_url"] = url
+            label = original.info.run_name if original is not None else cached_run_id
+            link = f"[{label}]({ui_path(where, cached_run_id)})"
+            child_tags[NOTE_TAG] = f"Cached: this stage's output was reused; it was produced by run {link}."
+        else:
+            child_tags[NOTE_TAG] = "Cached: this stage's output was reused."
+        run = self.client.create_run(self.experiment_id, run_name=name, tags=child_tags)
+        child = run.info.run_id
+        now = int(time.time() * 1000)
+        metric_items = [Metric(k, float(v), now, 0) for k, v in values.items()]
+        for i in range(0, max(len(metric_items), len(params)), 100):
+            batch_metrics, batch_params = metric_items[i : i + 100], params[i : i + 100]
+            if batch_metrics or batch_params:
+                self.client.log_batch(child, metrics=batch_metrics, params=batch_params)
+        if inputs:
+            self.client.log_inputs(child, datasets=inputs)
+        self.client.set_terminated(child, status="FINISHED")
+        return child
+
     def end(self, status: str = "FINISHED") -> None:
         self.flush()
         self.client.set_terminated(self.run_id, status=status)
@@ -380,6 +452,14 @@ class NullTracker(Tracker):
         profile: Mapping[str, Any] | str | None = None,
         schema: Mapping[str, Any] | str | None = None,
     ) -> None: ...
+    def log_cached_child(
+        self,
+        name: str,
+        cached_run_id: str | None,
+        *,
+        metrics: Mapping[str, float] | None = None,
+        tags: Mapping[str, str] | None = None,
+    ) -> str | None: ...
     def end(self, status: str = "FINISHED") -> None: ...
 
 
