@@ -78,3 +78,25 @@ class LinkStage(Stage):
     def run(self, ctx: StageContext) -> StageResult:
         ctx.output.put_bytes("link.txt", b"link")
         return StageResult()
+
+
+class CountConfig(StageConfig):
+    kind: str | None = "count"
+
+
+@register_stage
+class CountStage(Stage):
+    """Reads a data stage's dataset.json and counts its samples: a cheap consumer of real scene shards."""
+
+    name = "count"
+    config_kind = "count"
+    config_model = CountConfig
+    inputs: ClassVar[dict[str, str]] = {"data": "data"}
+
+    def run(self, ctx: StageContext) -> StageResult:
+        import json
+
+        dataset = json.loads(ctx.inputs["data"].read_bytes("dataset.json"))
+        total = sum(int(s.get("num_samples", 0)) for s in dataset.get("splits", {}).values())
+        ctx.output.put_bytes("count.txt", str(total).encode())
+        return StageResult(metrics={"samples": float(total)})

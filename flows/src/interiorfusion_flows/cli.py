@@ -157,7 +157,7 @@ def pipeline_run(
         raise UserError("use either --only or --from, not both")
     embedded_defaults()
     quiet_user_errors()
-    from interiorfusion_core.tracking import tracking_uri
+    from interiorfusion_core.tracking import tracking_uri, ui_path
     from interiorfusion_flows.pipeline import interiorfusion_pipeline, load_pipeline
 
     load_pipeline(config)  # validate the whole graph before Prefect starts, so a bad config fails in a second
@@ -170,11 +170,22 @@ def pipeline_run(
         note = "from an earlier run" if t is None else ("cached" if t["cached"] else f"ran in {t['seconds']:.1f} s")
         console.print(f"  {name:10} {note:22} {uri}/manifest.json", markup=False)
     uri = tracking_uri()
+    page = ui_path(_experiment_of(record.get("mlflow_parent_run_id"))) if record.get("mlflow_parent_run_id") else ""
     if uri.startswith("sqlite:"):
         mlflow_bin = Path(sys.executable).parent / "mlflow"
         console.print(f"\nMLflow UI: {mlflow_bin} ui --backend-store-uri {uri}", markup=False)
+        if page:
+            console.print(f"  then open http://127.0.0.1:5000/{page}", markup=False)
     else:
-        console.print(f"\nMLflow: {uri}", markup=False)
+        console.print(f"\nMLflow: {uri.rstrip('/')}/{page}", markup=False)
+
+
+def _experiment_of(run_id: str) -> str:
+    from mlflow.tracking import MlflowClient
+
+    from interiorfusion_core.tracking import tracking_uri
+
+    return MlflowClient(tracking_uri=tracking_uri()).get_run(run_id).info.experiment_id
 
 
 @app.command("plan")

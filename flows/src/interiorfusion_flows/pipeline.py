@@ -64,7 +64,7 @@ def run_stage_task(
     if cached is not None:
         logger.info("%s: cached at %s", instance, output.uri)
         return {"uri": output.uri, "stage": stage, "cached": True, "seconds": time.perf_counter() - started,
-                "stage_seconds": 0.0, "mlflow_run_id": cached.mlflow_run_id}
+                "stage_seconds": 0.0, "mlflow_run_id": cached.mlflow_run_id, "metrics": dict(cached.metrics)}
     job = StageJob(
         stage=stage, config_path=entry.config, overrides=list(entry.set), inputs=inputs, output=output.uri,
         force=force, parent_run_id=parent_run_id, experiment=experiment, entry=entry, log=logger.info,
@@ -135,6 +135,8 @@ def interiorfusion_pipeline(
     parent = Tracker(f"pipeline:{cfg.name}", experiment=cfg.experiment,
                      tags={"interiorfusion.pipeline": cfg.name, "interiorfusion.pipeline_run": run_id})
     parent.log_params({"pipeline.config": str(config), "pipeline.instances": ",".join(graph.order)})
+    if parent.experiment_url:
+        logger.info("MLflow: %s", parent.experiment_url)
     outputs: dict[str, str] = {}
     timings: dict[str, dict[str, Any]] = {}
     status = "FAILED"
@@ -153,6 +155,13 @@ def interiorfusion_pipeline(
             )(name, graph.specs[name].name, entry, inputs, store.uri, name in forced, parent.run_id, cfg.experiment)
             outputs[name] = result["uri"]
             timings[name] = result
+            if result["cached"]:
+                # A cached instance still shows as a child of this run, linked to the run that produced it.
+                parent.log_cached_child(
+                    name, result.get("mlflow_run_id"),
+                    metrics={f"final/{k}": v for k, v in result.get("metrics", {}).items()},
+                    tags={"interiorfusion.stage": result["stage"], "interiorfusion.output": result["uri"]},
+                )
         record = {"run_id": run_id, "pipeline": cfg.name, "config": str(config), "stages": outputs,
                   "instances": {n: graph.specs[n].name for n in graph.order}, "timings": timings,
                   "mlflow_parent_run_id": parent.run_id,

@@ -437,6 +437,10 @@ def run_stage(
             {"interiorfusion.output": out_store.uri, "interiorfusion.resumed": str(resuming)}
             | {f"interiorfusion.input.{n}": i.uri for n, i in resolved_inputs.items()}
         )
+        for n, i in resolved_inputs.items():
+            if i.manifest.stage == "data":  # the runs table's Dataset column: which shards this run read
+                name = str(i.manifest.config.get("dataset") or n)
+                tracker.log_dataset_input(name, i.uri, i.manifest.digest, profile=i.manifest.metrics)
         with tempfile.TemporaryDirectory(prefix=f"interiorfusion-{stage}-") as work:
             ctx = StageContext(
                 stage=stage, loaded=loaded, inputs=resolved_inputs, output=RecordingStore(out_store),
