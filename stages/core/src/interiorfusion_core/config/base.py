@@ -222,20 +222,6 @@ class TrainableStageConfig(StageConfig):
     scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
     training: TrainingConfig = Field(default_factory=TrainingConfig)
 
-    @model_validator(mode="after")
-    def _schedule_fits(self) -> TrainableStageConfig:
-        t = self.training
-        first = t.curriculum[0].steps if t.curriculum else t.max_steps
-        if self.scheduler.warmup_steps > first:
-            raise ValueError(
-                f"scheduler.warmup_steps ({self.scheduler.warmup_steps}) must not exceed the first curriculum phase "
-                f"({first} steps), or the learning rate never reaches its peak"
-            )
-        if t.ema is not None and t.ema.start_step >= t.max_steps:
-            raise ValueError(f"training.ema.start_step ({t.ema.start_step}) must be below training.max_steps "
-                             f"({t.max_steps}), or the EMA never updates")
-        return self
-
     @property
     def base_lr(self) -> float:
         """`training.lr` where a config keeps it there (the seed's fine-tuning configs), else `optimizer.lr`."""
