@@ -7,9 +7,17 @@ from typing import Any
 
 import pytest
 import torch
+from pydantic import Field
 from safetensors.torch import load_file
 
 from interiorfusion_core.config import LoadedConfig
+from interiorfusion_core.config.base import (
+    OptimizerConfig,
+    SchedulerConfig,
+    StageConfig,
+    TrainableStageConfig,
+    TrainingConfig,
+)
 from interiorfusion_core.contract import run_stage
 from interiorfusion_core.engine import Trainer, local_context
 from interiorfusion_core.engine.distributed import resolve_precision
@@ -112,3 +120,23 @@ def test_compute_losses_must_return_loss(tmp_path: Path) -> None:
     cfg = toy(data={"num_samples": 64, "val_samples": 0})
     with pytest.raises(KeyError, match="must return a 'loss' entry"):
         Trainer(local_context(cfg, tmp_path / "out"), NoLossTask(cfg)).fit()
+
+
+class DuckConfig(StageConfig):
+    """Has every section the trainer reads, but is not a TrainableStageConfig."""
+
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+
+    @property
+    def base_lr(self) -> float:
+        return self.optimizer.lr
+
+
+def test_the_trainer_needs_a_trainable_stage_config(tmp_path: Path) -> None:
+    cfg = DuckConfig()
+    with pytest.raises(TypeError, match="TrainableStageConfig.*DuckConfig is not one"):
+        Trainer(local_context(cfg, tmp_path / "out"), ToyTask(toy()))
+    assert isinstance(toy(), TrainableStageConfig)
+

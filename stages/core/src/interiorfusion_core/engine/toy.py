@@ -21,14 +21,11 @@ from interiorfusion_core.config.base import (
     CurriculumPhase,
     NonNegativeFloat,
     NonNegativeInt,
-    OptimizerConfig,
     PositiveInt,
     Probability,
-    SchedulerConfig,
     Strict,
-    TrainingConfig,
+    TrainableStageConfig,
 )
-from interiorfusion_core.config.schemas import StageConfig
 from interiorfusion_core.contract import Stage, StageContext, StageResult
 from interiorfusion_core.engine.data import InMemoryLoader
 from interiorfusion_core.engine.models import register_model_builder
@@ -55,12 +52,9 @@ class ToyDataConfig(Strict):
     augment: bool = False
 
 
-class ToyEngineConfig(StageConfig):
+class ToyEngineConfig(TrainableStageConfig):
     kind: Literal["engine_toy"] | None = None
     model: ToyModelConfig = Field(default_factory=ToyModelConfig)
-    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
-    scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
-    training: TrainingConfig = Field(default_factory=TrainingConfig)
     data: ToyDataConfig = Field(default_factory=ToyDataConfig)
 
 

@@ -47,7 +47,8 @@ from interiorfusion_core.checkpoint import (
     seed_everything,
     step_dir,
 )
-from interiorfusion_core.config.base import OptimizerConfig, SchedulerConfig, TrainingConfig
+from interiorfusion_core.config.base import OptimizerConfig, SchedulerConfig, TrainableStageConfig, TrainingConfig
+from interiorfusion_core.contract import StageContext
 from interiorfusion_core.engine.distributed import (
     all_reduce,
     barrier,
@@ -60,7 +61,6 @@ from interiorfusion_core.engine.distributed import (
 from interiorfusion_core.engine.ema import EMA
 from interiorfusion_core.engine.schedule import (
     Phase,
-    base_lr,
     grendel_scaling,
     make_optimizer,
     make_scheduler,
@@ -152,13 +152,19 @@ def isolated_rng(seed: int) -> Any:
 
 
 class Trainer:
-    def __init__(self, ctx: Any, task: TrainTask, *, callbacks: Sequence[Any] = ()):
+    def __init__(self, ctx: StageContext, task: TrainTask, *, callbacks: Sequence[Any] = ()):
+        config = ctx.config
+        if not isinstance(config, TrainableStageConfig):
+            raise TypeError(
+                f"the Trainer needs a config derived from interiorfusion_core.config.base.TrainableStageConfig "
+                f"(optimizer, scheduler and training sections); {type(config).__name__} is not one"
+            )
         self.ctx = ctx
         self.task = task
-        self.config = ctx.config
-        self.training: TrainingConfig = self.config.training
-        self.opt_cfg: OptimizerConfig = self.config.optimizer
-        self.sched_cfg: SchedulerConfig = getattr(self.config, "scheduler", None) or SchedulerConfig()
+        self.config: TrainableStageConfig = config
+        self.training: TrainingConfig = config.training
+        self.opt_cfg: OptimizerConfig = config.optimizer
+        self.sched_cfg: SchedulerConfig = config.scheduler
         self.callbacks = list(callbacks)
         self.tracker = ctx.tracker
         self.state = TrainState()
@@ -183,8 +189,7 @@ class Trainer:
         self.rt = rt = make_runtime(t)
         if rt.device.type == "cpu":
             torch.set_num_threads(cpu_threads(t.cpu_threads))
-        if (getattr(self.ctx, "rank", rt.rank), getattr(self.ctx, "world_size", rt.world_size)) != (
-            rt.rank, rt.world_size):
+        if (self.ctx.rank, self.ctx.world_size) != (rt.rank, rt.world_size):
             log.warning("context says rank %s/%s, accelerate says %s/%s; using accelerate's",
                         self.ctx.rank, self.ctx.world_size, rt.rank, rt.world_size)
         if (t.nonfinite_policy == "skip" and rt.deepspeed and rt.zero_stage in (0, 1, 2) and t.grad_clip == 0):
@@ -194,7 +199,7 @@ class Trainer:
             )
         self.global_batch = t.batch_size * rt.world_size * t.gradient_accumulation
         self.hp = grendel_scaling(self.opt_cfg, t.lr_scaling, self.global_batch)
-        lr0 = base_lr(self.config)
+        lr0 = self.config.base_lr
         self.base_lr = lr0 * self.hp.lr_factor
         self.phases: list[Phase] = plan_phases(t, lr0, self.hp.lr_factor)
 
@@ -212,7 +217,7 @@ class Trainer:
         self.ema = (
             EMA(self.module, t.ema.decay, t.ema.start_step, zero3=rt.zero_stage == 3) if t.ema is not None else None
         )
-        work = Path(getattr(self.ctx, "work_dir", None) or Path.cwd() / ".interiorfusion-work") / f"rank-{rt.rank:05d}"
+        work = Path(self.ctx.work_dir) / f"rank-{rt.rank:05d}"
         self.work_dir = work
         self.ckpt = CheckpointManager(self.ctx.output, keep_last=t.keep_last_checkpoints, work_dir=work)
         seed_everything(_rank_seed(t.seed, rt.rank))
@@ -409,7 +414,7 @@ class Trainer:
         self.tracker.flush()
         name = signal.Signals(signum).name
         raise Preempted(
-            f"{getattr(self.ctx, 'stage', 'training')}: stopped by {name} at step {self.state.step}; checkpoint "
+            f"{self.ctx.stage}: stopped by {name} at step {self.state.step}; checkpoint "
             f"{self.ckpt.store.uri_for(step_dir(self.state.step))} is complete; rerun the same command to resume",
             signum, self.state.step, key,
         )
@@ -560,8 +565,6 @@ class Trainer:
     # ------------------------------------------------------------------------------------------ checkpoints
     def _meta(self) -> dict[str, Any]:
         rt = self.rt
-        loaded = getattr(self.ctx, "loaded", None)
-        config = loaded.resolved if loaded is not None else self.config.model_dump(mode="json")
         return {
             "epoch": self.state.epoch,
             "phase": self.phase.index,
@@ -573,7 +576,7 @@ class Trainer:
             "precision": rt.precision,
             "trainer": self.state.to_json(),
             "metrics": {k: v for k, v in self._last_train.items() if math.isfinite(v)},
-            "config": config,
+            "config": self.ctx.loaded.resolved,
         }
 
     def save_checkpoint(self) -> str:
@@ -718,7 +721,7 @@ class Trainer:
             from tqdm.auto import tqdm
 
             self._pbar = tqdm(total=self.training.max_steps, initial=self.state.step, dynamic_ncols=True,
-                              desc=str(getattr(self.ctx, "stage", "train")), mininterval=0.5)
+                              desc=self.ctx.stage, mininterval=0.5)
 
     def _close_progress(self) -> None:
         if self._pbar is not None:
