@@ -25,6 +25,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from interiorfusion_core.engine.callbacks import Callback
+
 ROOT = Path(__file__).resolve().parents[2]
 PROGRAM = Path(__file__).resolve()
 PYTHONPATH = os.pathsep.join([str(ROOT / "stages/core/src"), str(ROOT / "flows/src")])
@@ -141,7 +143,7 @@ def _int_env(name: str) -> int | None:
     return int(value) if value else None
 
 
-class _Hooks:
+class _Hooks(Callback):
     def __init__(self) -> None:
         self.kill_at = _int_env("ENGINE_TEST_KILL_AT")
         self.preempt_at = _int_env("ENGINE_TEST_PREEMPT_AT")

@@ -1,5 +1,6 @@
 """The training engine every stage runs on: a Trainer driven by a small TrainTask (docs/engine.md)."""
 
+from interiorfusion_core.engine.callbacks import Callback
 from interiorfusion_core.engine.context import local_context
 from interiorfusion_core.engine.data import InMemoryLoader, default_collate
 from interiorfusion_core.engine.distributed import unwrap
@@ -12,6 +13,7 @@ from interiorfusion_core.engine.trainer import NonFiniteError, Trainer, TrainRes
 
 __all__ = [
     "EMA",
+    "Callback",
     "InMemoryLoader",
     "ModelSpec",
     "NonFiniteError",

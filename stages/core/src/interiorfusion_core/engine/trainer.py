@@ -49,6 +49,7 @@ from interiorfusion_core.checkpoint import (
 )
 from interiorfusion_core.config.base import OptimizerConfig, SchedulerConfig, TrainableStageConfig, TrainingConfig
 from interiorfusion_core.contract import StageContext
+from interiorfusion_core.engine.callbacks import Callback
 from interiorfusion_core.engine.distributed import (
     all_reduce,
     barrier,
@@ -152,7 +153,7 @@ def isolated_rng(seed: int) -> Any:
 
 
 class Trainer:
-    def __init__(self, ctx: StageContext, task: TrainTask, *, callbacks: Sequence[Any] = ()):
+    def __init__(self, ctx: StageContext, task: TrainTask, *, callbacks: Sequence[Callback] = ()):
         config = ctx.config
         if not isinstance(config, TrainableStageConfig):
             raise TypeError(
@@ -165,6 +166,10 @@ class Trainer:
         self.training: TrainingConfig = config.training
         self.opt_cfg: OptimizerConfig = config.optimizer
         self.sched_cfg: SchedulerConfig = config.scheduler
+        for cb in callbacks:
+            if not isinstance(cb, Callback):
+                raise TypeError(f"callback {type(cb).__name__} is not an interiorfusion_core.engine.Callback; "
+                                "derive it from Callback (its hooks default to no-ops)")
         self.callbacks = list(callbacks)
         self.tracker = ctx.tracker
         self.state = TrainState()
@@ -365,9 +370,7 @@ class Trainer:
         try:
             with self.guard:
                 for cb in self.callbacks:
-                    fn = getattr(cb, "on_fit_start", None)
-                    if fn is not None:
-                        fn(self)
+                    cb.on_fit_start(self)
                 self._loop()
                 return self._finish()
         finally:
@@ -392,9 +395,7 @@ class Trainer:
             if self._pbar is not None:
                 self._pbar.update(1)
             for cb in self.callbacks:
-                fn = getattr(cb, "on_step_end", None)
-                if fn is not None:
-                    fn(self, step)
+                cb.on_step_end(self, step)
             if step < t.max_steps and step >= self.phase.end:
                 self._enter_phase(self.phases[self.phase.index + 1])
             if step % t.log_every == 0:
@@ -451,9 +452,7 @@ class Trainer:
         self._restore(info, full=False)
         st.rollbacks += 1
         for cb in self.callbacks:
-            fn = getattr(cb, "on_rollback", None)
-            if fn is not None:
-                fn(self, st.step)
+            cb.on_rollback(self, st.step)
         if self.phase.index != phase_at(self.phases, st.step).index:
             # The checkpoint is from an earlier phase: that phase's loader resumes where the checkpoint left it.
             self._enter_phase(phase_at(self.phases, st.step), self._read_data_state(info))
@@ -514,9 +513,7 @@ class Trainer:
                       f" lr {self._step_lr:.3g} gn {metrics.get('train/grad_norm', math.nan):.3g}"
                       f" {metrics['train/samples_per_s']:.1f} samples/s")
         for cb in self.callbacks:
-            fn = getattr(cb, "on_log", None)
-            if fn is not None:
-                fn(self, self.state.step, metrics)
+            cb.on_log(self, self.state.step, metrics)
         self._reset_window()
         return metrics
 
@@ -557,9 +554,7 @@ class Trainer:
         self.tracker.log_metrics(metrics, step=self.state.step)
         self._last_val, self._last_val_step = metrics, self.state.step
         for cb in self.callbacks:
-            fn = getattr(cb, "on_validation", None)
-            if fn is not None:
-                fn(self, self.state.step, metrics)
+            cb.on_validation(self, self.state.step, metrics)
         return metrics
 
     # ------------------------------------------------------------------------------------------ checkpoints
