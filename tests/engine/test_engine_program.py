@@ -9,6 +9,7 @@ with the CLI's exit codes. Test-only knobs come from the environment:
     ENGINE_TEST_KILL_IN_CKPT=N   SIGKILL while checkpoint N is half-written (files uploaded, no index yet)
     ENGINE_TEST_PREEMPT_AT=N     SIGTERM to rank 0 during step N (every rank must stop after step N)
     ENGINE_TEST_NAN_AT=a,b       the loss of steps a and b (1-based) is NaN
+    ENGINE_TEST_TASK=NAME        the task: toy (default) or rollout (RolloutTask)
     ENGINE_TEST_RECORD=PATH      rank 0 writes every logged metric row (train and val) to PATH (JSON)
     ENGINE_TEST_MLFLOW=1         use the real MLflow tracker (else a NullTracker, for speed)
 
@@ -25,7 +26,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from interiorfusion_core.engine.callbacks import Callback
+import torch
+import torch.nn.functional as F
+
+from interiorfusion_core.engine import Callback, StepContext
+from interiorfusion_core.engine.toy import ToyTask
 
 ROOT = Path(__file__).resolve().parents[2]
 PROGRAM = Path(__file__).resolve()
@@ -186,6 +191,35 @@ def nan_task_class(nan_at: set[int]) -> type:
     return Task
 
 
+class RolloutTask(ToyTask):
+    """A train_step of its own: per micro-batch, two rounds of a rollout (a no-grad forward pass on inputs
+    perturbed with torch noise) followed by a forward + backward on the rollout: four forward passes and two
+    backward calls. `nan_at` (1-based steps): both losses of that step are NaN."""
+
+    nan_at: frozenset[int] = frozenset()
+
+    def train_step(self, step: StepContext) -> dict[str, torch.Tensor]:
+        batch = step.next_batch()
+        x, y = batch["x"], batch["y"]
+        poison = float("nan") if step.step in self.nan_at else 1.0
+        terms: dict[str, torch.Tensor] = {}
+        for k in range(2):
+            with torch.no_grad(), step.autocast():
+                start = x + 0.05 * torch.randn_like(x)  # the training RNG stream: restored on resume
+                guess = step.model(start)
+            with step.autocast():
+                pred = step.model(start)
+                fit = F.mse_loss(pred.float(), y.float())
+                drift = (pred.float() - guess.float()).abs().mean()  # dropout noise between two passes
+                loss = (fit + drift) * poison
+            step.backward(loss / 2)
+            terms[f"fit{k}"] = fit.detach()
+        return {"loss": (terms["fit0"] + terms["fit1"]) / 2 * poison, **terms}
+
+
+TASKS = {"toy": None, "rollout": RolloutTask}
+
+
 def main(argv: list[str]) -> int:
     import interiorfusion_core.contract as contract
     from interiorfusion_core import checkpoint
@@ -210,7 +244,11 @@ def main(argv: list[str]) -> int:
 
         checkpoint.CheckpointManager.commit = dying_commit  # type: ignore[method-assign]
 
-    toy.ToyStage.task_factory = nan_task_class(nan_at)
+    task = TASKS[os.environ.get("ENGINE_TEST_TASK", "toy")]
+    if task is None:
+        toy.ToyStage.task_factory = nan_task_class(nan_at)
+    else:
+        toy.ToyStage.task_factory = type(task.__name__, (task,), {"nan_at": frozenset(nan_at)})
     toy.ToyStage.callbacks = [_Hooks()]
     try:
         run_stage_command("engine-toy", Path(config), None, None, output, False, "--restart" in rest)

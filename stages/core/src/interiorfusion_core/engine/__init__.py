@@ -8,6 +8,7 @@ from interiorfusion_core.engine.ema import EMA
 from interiorfusion_core.engine.models import ModelSpec, get_model_spec, register_model_builder
 from interiorfusion_core.engine.schedule import grendel_scaling, lr_at, plan_phases
 from interiorfusion_core.engine.signals import Preempted, PreemptionGuard
+from interiorfusion_core.engine.step import StepContext
 from interiorfusion_core.engine.task import ResumableLoader, TrainTask, move_to
 from interiorfusion_core.engine.trainer import NonFiniteError, Trainer, TrainResult, TrainState
 
@@ -20,6 +21,7 @@ __all__ = [
     "Preempted",
     "PreemptionGuard",
     "ResumableLoader",
+    "StepContext",
     "TrainResult",
     "TrainState",
     "TrainTask",

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator, Mapping
-from typing import Any, ClassVar, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 
 import torch
 from torch import nn
 
 from interiorfusion_core.config.base import CurriculumPhase
+
+if TYPE_CHECKING:
+    from interiorfusion_core.engine.step import StepContext
 
 
 @runtime_checkable
@@ -33,8 +36,9 @@ class ResumableLoader(Protocol):
 
 
 class TrainTask(ABC):
-    """Subclass per stage. The engine calls, in order: `build_model`, `make_loader` (again at every curriculum
-    phase change), then `compute_losses` for every micro-batch; `val_batches` every `training.val_every` steps."""
+    """Subclass per stage. The engine calls, in order: `build_model`, `make_loader` (again at every
+    curriculum phase change), then `train_step` for every micro-batch (by default: the next batch through
+    `compute_losses`, then backward); `val_batches` every `training.val_every` steps."""
 
     # Name of the stage's own throughput unit (e.g. "voxels", "tokens"): logged as train/<unit>_per_s when
     # `count_units` returns a number.
@@ -54,7 +58,21 @@ class TrainTask(ABC):
     def compute_losses(self, model: nn.Module, batch: Any) -> Mapping[str, torch.Tensor]:
         """Scalar losses: "loss" (the total that is back-propagated) and any named terms (logged). `model` is the
         wrapped model (DDP / DeepSpeed engine): call it as `model(...)` so gradient hooks fire; use
-        `interiorfusion_core.engine.unwrap(model)` to reach attributes."""
+        `interiorfusion_core.engine.unwrap(model)` to reach attributes. Validation uses it too (no grad, eval
+        mode), also for tasks that override `train_step`."""
+
+    def train_step(self, step: StepContext) -> Mapping[str, torch.Tensor]:
+        """One micro-batch: losses to log ("loss" and named terms, scalars, same keys every call), after calling
+        `step.backward(...)` at least once. Override for rollouts, several forward passes or several loss groups;
+        the trainer keeps accumulation, clipping, the non-finite guard, metrics and checkpoints around it. A
+        non-finite returned "loss" skips the step (`training.nonfinite_policy`). The default is below."""
+        batch = step.next_batch()
+        with step.autocast():
+            losses = self.compute_losses(step.model, batch)
+        if "loss" not in losses:
+            raise KeyError(f"{type(self).__name__}.compute_losses must return a 'loss' entry (got {sorted(losses)})")
+        step.backward(losses["loss"])
+        return losses
 
     def val_batches(self, rank: int, world_size: int) -> Iterable[Any] | None:
         """Validation batches of this rank (None: no validation). Up to `training.val_batches` are used."""

@@ -21,7 +21,7 @@ import sys
 import time
 import warnings
 from collections.abc import Sequence
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -70,6 +70,7 @@ from interiorfusion_core.engine.schedule import (
     plan_phases,
 )
 from interiorfusion_core.engine.signals import Preempted, PreemptionGuard
+from interiorfusion_core.engine.step import StepContext
 from interiorfusion_core.engine.task import TrainTask
 from interiorfusion_core.errors import UserError
 
@@ -218,6 +219,9 @@ class Trainer:
         self.model, self.optimizer = rt.accelerator.prepare(model, self.raw_optimizer)
         self.module = unwrap(self.model)
         self.engine = self.model if rt.deepspeed else None
+        self._ddp = rt.distributed and not rt.deepspeed
+        self.step_context = StepContext(rt, self.model, self.module, t.gradient_accumulation, self._micro_batch,
+                                        self.engine)
         self._params = [p for p in self.module.parameters() if p.requires_grad]
         self.ema = (
             EMA(self.module, t.ema.decay, t.ema.start_step, zero3=rt.zero_stage == 3) if t.ema is not None else None
@@ -295,38 +299,38 @@ class Trainer:
                     f"{self.rt.rank}; it needs at least one batch of {self.training.batch_size} samples"
                 ) from None
 
+    def _micro_batch(self, to_device: bool = True) -> Any:
+        """The next batch for `StepContext.next_batch`: counted for samples/s and units/s, moved to the device."""
+        task = self.task
+        batch = self._next_batch()
+        units = task.count_units(batch)
+        if units is not None:
+            self._win_units += float(units)
+        bs = task.batch_size_of(batch)
+        self._win_samples += bs if bs is not None else self.training.batch_size
+        return task.to_device(batch, self.rt.device, self.rt.input_dtype) if to_device else batch
+
     # ------------------------------------------------------------------------------------------ one step
     def _train_step(self) -> tuple[bool, bool, dict[str, torch.Tensor], torch.Tensor]:
-        rt, t, task = self.rt, self.training, self.task
+        rt, t, task, sc = self.rt, self.training, self.task, self.step_context
         ga = t.gradient_accumulation
+        sc.step = self.state.step + 1
+        sc.phase = self.phase.spec
         terms: dict[str, torch.Tensor] = {}
         for micro in range(ga):
-            batch = self._next_batch()
-            units = task.count_units(batch)
-            if units is not None:
-                self._win_units += float(units)
-            bs = task.batch_size_of(batch)
-            self._win_samples += bs if bs is not None else t.batch_size
-            batch = task.to_device(batch, rt.device, rt.input_dtype)
-            last = micro == ga - 1
-            no_sync = (not last and rt.distributed and not rt.deepspeed)
-            with rt.accelerator.no_sync(self.model) if no_sync else nullcontext():
-                with rt.autocast():
-                    losses = task.compute_losses(self.model, batch)
-                if "loss" not in losses:
-                    raise KeyError(f"{type(task).__name__}.compute_losses must return a 'loss' entry (got "
-                                   f"{sorted(losses)})")
-                loss = losses["loss"]
-                if rt.deepspeed:
-                    # DeepSpeed steps inside step(), before we could look: a non-finite loss is turned into
-                    # non-finite gradients (× NaN; × 1.0 is exact otherwise) so DeepSpeed's own check skips it.
-                    ok = torch.isfinite(loss.detach())
-                    loss = loss * torch.where(ok, 1.0, math.nan).to(loss.dtype)
-                    self.engine.backward(loss)  # DeepSpeed divides by its gradient_accumulation_steps
-                    self.engine.step()  # applies (and clips) only at the accumulation boundary
-                else:
-                    # Plain autograd: bf16 needs no loss scaler, and accelerate's wrappers cost ~1 ms a step.
-                    (loss / ga if ga > 1 else loss).backward()
+            sc.micro = micro
+            sc.backwards = 0
+            if self._ddp and micro < ga - 1:
+                with rt.accelerator.no_sync(self.model):  # gradients all-reduce in the last micro-batch only
+                    losses = task.train_step(sc)
+            else:
+                losses = task.train_step(sc)
+            if "loss" not in losses:
+                raise KeyError(f"{type(task).__name__}.train_step must return a 'loss' entry (got {sorted(losses)})")
+            if not sc.backwards:
+                raise RuntimeError(f"{type(task).__name__}.train_step returned without calling step.backward()")
+            if self.engine is not None:
+                self.engine.step()  # applies (and clips) only at the accumulation boundary
             for k, v in losses.items():
                 v = v.detach().float()
                 terms[k] = terms[k] + v if k in terms else v
