@@ -1,6 +1,7 @@
-"""TrainTask.train_step: a task with its own step (a rollout loop: several forward passes and backward calls per
-micro-batch) trains under gradient accumulation, resumes bit-identically after a SIGKILL, and its non-finite loss is
-still skipped."""
+"""TrainTask.train_step and frozen models: a task with its own step (a rollout loop: several forward passes and
+backward calls per micro-batch) trains under gradient accumulation, resumes bit-identically after a SIGKILL, and its
+non-finite loss is still skipped; frozen models are frozen, on the device in the run's precision, outside the
+optimizer and the checkpoints, and do not change the trained model's initial weights."""
 
 from __future__ import annotations
 
@@ -12,7 +13,14 @@ from typing import Any
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_engine_program import ForkRunner, RolloutTask, toy_config, write_config
+from test_engine_program import (
+    ForkRunner,
+    FrozenTeacherTask,
+    RolloutTask,
+    frozen_fingerprint,
+    toy_config,
+    write_config,
+)
 
 from interiorfusion_core.engine import Callback, StepContext, Trainer, local_context
 from interiorfusion_core.engine.toy import ToyEngineConfig, ToyTask
@@ -126,3 +134,72 @@ def test_a_rollout_step_trains_and_resumes_bit_identically(tmp_path: Path) -> No
         return load_file(out / manifest["outputs"]["checkpoint"] / "model.safetensors")
 
     assert same(final(tmp_path / "out"), final(tmp_path / "ref"))
+
+
+# ---------------------------------------------------------------------------------------------- frozen models
+def test_frozen_models_are_frozen_and_left_out(tmp_path: Path) -> None:
+    cfg = config(ema={"decay": 0.9})
+    task, weights = FrozenTeacherTask(cfg), Weights()
+    trainer = Trainer(local_context(cfg, tmp_path / "out"), task, callbacks=[weights])
+    trainer.setup()
+    teacher = task.frozen["teacher"]
+    assert trainer.frozen["teacher"] is teacher and dict(trainer.step_context.frozen) == {"teacher": teacher}
+    assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+    assert {p.device.type for p in teacher.parameters()} == {"cpu"} and {p.dtype for p in teacher.parameters()} == {
+        torch.float32}  # CPU runs are fp32
+    ids = {id(p) for p in teacher.parameters()}
+    assert not any(id(p) in ids for g in trainer.raw_optimizer.param_groups for p in g["params"])
+    assert not any(id(p) in ids for p in trainer.module.parameters())
+    before = frozen_fingerprint(teacher)
+    result = trainer.fit()
+    assert frozen_fingerprint(teacher) == before and all(p.grad is None for p in teacher.parameters())
+    assert not same(weights.by_step[8], weights.by_step[0])  # the student trained
+    ckpt = tmp_path / "out" / result.checkpoint
+    names = set(json.loads((ckpt / "checkpoint.json").read_text())["files"])
+    assert names >= {"model.safetensors", "ema.safetensors", "optimizer.pt"}
+    student = set(dict(trainer.module.named_parameters()))
+    assert set(load_file(ckpt / "model.safetensors")) == student == set(load_file(ckpt / "ema.safetensors"))
+    state = torch.load(ckpt / "optimizer.pt", weights_only=True)
+    assert sum(len(g["params"]) for g in state["param_groups"]) == len(student)
+
+    # the teacher comes from its own seeded RNG: the student's initial weights are those of the plain toy task,
+    # and a second build (another rank, a resumed run) gets the same teacher
+    plain = Trainer(local_context(cfg, tmp_path / "plain"), ToyTask(cfg))
+    plain.setup()
+    assert same({n: p.detach() for n, p in plain.module.named_parameters()}, weights.by_step[0])
+    other = FrozenTeacherTask(cfg)
+    Trainer(local_context(cfg, tmp_path / "again"), other).setup()
+    assert frozen_fingerprint(other.frozen["teacher"]) == before
+
+
+def test_frozen_models_run_in_bf16_when_the_run_does(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from accelerate.state import AcceleratorState
+
+    import interiorfusion_core.engine.distributed as distributed
+
+    monkeypatch.setattr(distributed, "resolve_precision", lambda requested: "bf16")  # CPU autocast in bf16
+    cfg = config(max_steps=2, mixed_precision="bf16")
+    task = FrozenTeacherTask(cfg)
+    trainer = Trainer(local_context(cfg, tmp_path / "out"), task)
+    AcceleratorState._reset_state(reset_partial_state=True)  # accelerate's precision is per process
+    try:
+        result = trainer.fit()
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+    assert trainer.rt.precision == "bf16" and result.step == 2
+    assert {p.dtype for p in task.frozen["teacher"].parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in trainer.module.parameters()} == {torch.float32}  # the trained model keeps fp32
+
+
+def test_frozen_models_must_not_share_the_trained_parameters(tmp_path: Path) -> None:
+    class Shared(ToyTask):
+        def build_model(self, config: Any) -> Any:
+            self.model = super().build_model(config)
+            return self.model
+
+        def frozen_models(self, config: Any) -> Any:
+            return {"encoder": self.model.net[0]}
+
+    cfg = config()
+    with pytest.raises(ValueError, match="'encoder' shares parameters with the trained model"):
+        Trainer(local_context(cfg, tmp_path / "out"), Shared(cfg)).setup()

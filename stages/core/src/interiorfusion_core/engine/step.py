@@ -19,7 +19,7 @@ engine, gradient clipping, the non-finite guard, metrics, checkpoints and resume
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
@@ -36,14 +36,15 @@ class StepContext:
     Attributes: `step` (1-based optimizer step being computed), `micro` (0-based micro-batch in it),
     `accumulation` (micro-batches per step), `rank`, `world_size`, `device`, `input_dtype` (bf16 under DeepSpeed
     bf16, else None), `model` (the wrapped model: call it, so DDP/DeepSpeed hooks fire), `module` (your nn.Module
-    inside).
+    inside), `frozen` (the task's frozen models, on the device, eval mode, no grad).
     """
 
-    def __init__(self, rt: Runtime, model: nn.Module, module: nn.Module, accumulation: int,
-                 next_batch: Callable[[bool], Any], engine: Any = None):
+    def __init__(self, rt: Runtime, model: nn.Module, module: nn.Module, frozen: Mapping[str, nn.Module],
+                 accumulation: int, next_batch: Callable[[bool], Any], engine: Any = None):
         self.rt = rt
         self.model = model
         self.module = module
+        self.frozen = frozen
         self.accumulation = accumulation
         self.rank = rt.rank
         self.world_size = rt.world_size
@@ -71,9 +72,11 @@ class StepContext:
         return self.rt.autocast()
 
     def backward(self, loss: torch.Tensor) -> None:
-        """Back-propagate `loss` (one scalar; call it once per loss group). Divided by the accumulation steps;
-        DeepSpeed: through `engine.backward`, with a non-finite loss turned into non-finite gradients so its
-        step is skipped. Gradients of several calls add up."""
+        """Back-propagate `loss` (a scalar), divided by the accumulation steps; DeepSpeed: `engine.backward`, with
+        a non-finite loss turned into non-finite gradients so the update is skipped. Gradients of several calls
+        add up, provided each backward follows its own forward pass (forward → backward, forward → backward):
+        DDP and ZeRO prepare their gradient reduction at the forward. Several losses of one forward pass: sum them
+        into one backward."""
         self.backwards += 1
         if self._engine is not None:
             # DeepSpeed steps inside engine.step(), before the trainer could look: a non-finite loss becomes

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator, Mapping
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 
 import torch
@@ -36,13 +37,15 @@ class ResumableLoader(Protocol):
 
 
 class TrainTask(ABC):
-    """Subclass per stage. The engine calls, in order: `build_model`, `make_loader` (again at every
-    curriculum phase change), then `train_step` for every micro-batch (by default: the next batch through
+    """Subclass per stage. The engine calls, in order: `build_model`, `frozen_models`, `make_loader` (again at
+    every curriculum phase change), then `train_step` for every micro-batch (by default: the next batch through
     `compute_losses`, then backward); `val_batches` every `training.val_every` steps."""
 
     # Name of the stage's own throughput unit (e.g. "voxels", "tokens"): logged as train/<unit>_per_s when
     # `count_units` returns a number.
     unit_name: ClassVar[str | None] = None
+    # The models `frozen_models` built, ready to use (on the device, eval mode, no grad); set by the trainer.
+    frozen: Mapping[str, nn.Module] = MappingProxyType({})
 
     @abstractmethod
     def build_model(self, config: Any) -> nn.Module:
@@ -61,11 +64,22 @@ class TrainTask(ABC):
         `interiorfusion_core.engine.unwrap(model)` to reach attributes. Validation uses it too (no grad, eval
         mode), also for tasks that override `train_step`."""
 
+    def frozen_models(self, config: Any) -> Mapping[str, nn.Module]:
+        """Auxiliary networks used but never trained (a teacher, a perceptual or reward network), on CPU in fp32.
+        Built on every rank outside `deepspeed.zero.Init` (never partitioned) with their own seeded RNG; the
+        trainer freezes them (`requires_grad_(False)`, `eval()`), moves them to the device in the run's precision
+        (bf16 where the run is bf16: call them under `step.autocast()`, as the validation's `compute_losses` is)
+        and puts them in `self.frozen` and `StepContext.frozen`. They are not in the optimizer, the EMA or the
+        checkpoints (load their weights here). They must not share parameters with the model."""
+        return {}
+
     def train_step(self, step: StepContext) -> Mapping[str, torch.Tensor]:
-        """One micro-batch: losses to log ("loss" and named terms, scalars, same keys every call), after calling
-        `step.backward(...)` at least once. Override for rollouts, several forward passes or several loss groups;
-        the trainer keeps accumulation, clipping, the non-finite guard, metrics and checkpoints around it. A
-        non-finite returned "loss" skips the step (`training.nonfinite_policy`). The default is below."""
+        """One micro-batch: call `step.backward(...)` at least once, return the losses to log ("loss" and named
+        terms, scalars, the same keys every call). Override for rollouts, several forward passes or several loss
+        groups; the trainer keeps accumulation, clipping, the non-finite guard, metrics and checkpoints around it.
+        A non-finite "loss" or gradient norm skips the step (`training.nonfinite_policy`); under DeepSpeed the
+        update happens inside the engine, so the guard acts through the gradients: a non-finite loss must go
+        through `step.backward`. The default: the next batch through `compute_losses`, one backward."""
         batch = step.next_batch()
         with step.autocast():
             losses = self.compute_losses(step.model, batch)

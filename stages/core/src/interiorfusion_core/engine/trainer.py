@@ -20,13 +20,15 @@ import signal
 import sys
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import torch
+from torch import nn
 
 from interiorfusion_core.checkpoint import (
     DEEPSPEED_DIR,
@@ -212,6 +214,7 @@ class Trainer:
         seed_everything(t.seed)  # same initial weights on every rank and every world size
         with model_init_context(rt):
             model = self.task.build_model(self.config)
+        self.frozen = self._build_frozen(model)  # outside zero.Init: never partitioned, never trained
         groups = self.task.param_groups(model, self.opt_cfg.weight_decay) or param_groups(
             model, self.opt_cfg.weight_decay)
         self.raw_optimizer = make_optimizer(groups, self.base_lr, self.hp)
@@ -220,8 +223,8 @@ class Trainer:
         self.module = unwrap(self.model)
         self.engine = self.model if rt.deepspeed else None
         self._ddp = rt.distributed and not rt.deepspeed
-        self.step_context = StepContext(rt, self.model, self.module, t.gradient_accumulation, self._micro_batch,
-                                        self.engine)
+        self.step_context = StepContext(rt, self.model, self.module, self.frozen, t.gradient_accumulation,
+                                        self._micro_batch, self.engine)
         self._params = [p for p in self.module.parameters() if p.requires_grad]
         self.ema = (
             EMA(self.module, t.ema.decay, t.ema.start_step, zero3=rt.zero_stage == 3) if t.ema is not None else None
@@ -246,6 +249,29 @@ class Trainer:
         self._announce()
         if t.nonfinite_policy == "rollback" and resume_step is None:
             self._save()  # something to roll back to before the first periodic checkpoint
+
+    def _build_frozen(self, model: nn.Module) -> Mapping[str, nn.Module]:
+        """The task's frozen models: the same weights on every rank (their own seeded RNG, which leaves the
+        trained model's init stream alone), no gradients, eval mode, on the device in the run's precision."""
+        rt = self.rt
+        with isolated_rng(self.training.seed + 17):
+            built = dict(self.task.frozen_models(self.config) or {})
+        trained = {id(p) for p in model.parameters()}
+        dtype = torch.bfloat16 if rt.precision == "bf16" else None
+        for name, module in built.items():
+            if not isinstance(module, nn.Module):
+                raise TypeError(f"{type(self.task).__name__}.frozen_models: '{name}' is a {type(module).__name__}, "
+                                "not an nn.Module")
+            if any(id(p) in trained for p in module.parameters()):
+                raise ValueError(f"{type(self.task).__name__}.frozen_models: '{name}' shares parameters with the "
+                                 "trained model; a frozen model must be a separate module")
+            module.requires_grad_(False).eval()
+            module.to(rt.device)
+            if dtype is not None:
+                module.to(dtype)  # floating parameters and buffers only
+        frozen = MappingProxyType(built)
+        self.task.frozen = frozen
+        return frozen
 
     def _announce(self) -> None:
         if not self.rt.is_main:
