@@ -9,10 +9,11 @@ engine, gradient clipping, the non-finite guard, metrics, checkpoints and resume
         with torch.no_grad(), step.autocast():
             rollout = sample(step.model, batch)              # any number of forward passes
         with step.autocast():
-            policy = policy_loss(step.model, rollout)
+            policy = policy_loss(step.model, rollout)        # a forward pass …
+        step.backward(policy)                                # … then its backward
+        with step.autocast():
             value = value_loss(step.model, rollout)
-        step.backward(policy)                                # any number of backward passes
-        step.backward(value)
+        step.backward(value)                                 # gradients add up
         return {"loss": (policy + value).detach(), "policy": policy.detach(), "value": value.detach()}
 """
 
@@ -83,7 +84,7 @@ class StepContext:
             # non-finite gradients (× NaN; × 1.0 is exact otherwise) so DeepSpeed's own check skips the update.
             ok = torch.isfinite(loss.detach())
             self._engine.backward(loss * torch.where(ok, 1.0, math.nan).to(loss.dtype))  # DeepSpeed scales
-        elif self.accumulation > 1:
+        elif self.accumulation > 1:  # plain autograd: bf16 needs no loss scaler; accelerate's wrapper costs ~1 ms
             (loss / self.accumulation).backward()
         else:
             loss.backward()
