@@ -32,7 +32,7 @@ for sub in ("stages/core/src", "flows/src"):
 
 import torch  # noqa: E402
 
-from interiorfusion_core.engine import Trainer, local_context  # noqa: E402
+from interiorfusion_core.engine import Callback, Trainer, local_context  # noqa: E402
 from interiorfusion_core.engine.toy import ToyEngineConfig, ToyTask  # noqa: E402
 from interiorfusion_core.tracking import NullTracker  # noqa: E402
 
@@ -85,7 +85,7 @@ def clock() -> float:
     return time.process_time()
 
 
-class StepClock:
+class StepClock(Callback):
     def __init__(self) -> None:
         self.stamps: list[float] = []
 
@@ -137,7 +137,7 @@ class BareLoop:
         return clock() - start
 
 
-class Interleaved:
+class Interleaved(Callback):
     """After every engine step, one bare step: both see the same machine, step by step. The engine's time is
     everything from the end of one bare step to the start of the next (its whole loop iteration)."""
 

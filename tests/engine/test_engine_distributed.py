@@ -1,6 +1,8 @@
 """The same program under `accelerate launch`: DeepSpeed ZeRO-3 (configs/accelerate_deepspeed.yaml, 2 CPU processes
 over gloo) and DDP match a single process on the same global batch; a ZeRO-3 run preempted by SIGTERM resumes from
-its sharded checkpoint; its final checkpoint consolidates into one safetensors model that loads and matches."""
+its sharded checkpoint; its final checkpoint consolidates into one safetensors model that loads and matches; a task
+with a frozen teacher and its own train_step matches one process under ZeRO-3, its teacher untouched, unpartitioned
+and outside the optimizer and the checkpoints."""
 
 from __future__ import annotations
 
@@ -127,3 +129,42 @@ def test_ddp_two_processes_match_one(single: dict, tmp_path: Path) -> None:
     assert_same_curves(losses(tmp_path / "rec.json", "val/loss"), single["val"])
     assert_close(final_model(tmp_path / "out"), single["model"])
     assert_close(final_model(tmp_path / "out", "ema.safetensors"), single["ema"])
+
+
+def test_zero3_frozen_teacher_and_own_step_match_one_process(tmp_path: Path) -> None:
+    per_rank = dict(batch_size=4, max_steps=6, checkpoint_every=3, log_every=1, val_every=3, data__val_samples=16)
+    env = {"ENGINE_TEST_TASK": "frozen"}
+    single_cfg = write_config(tmp_path / "single.yaml", toy_config(**{**per_rank, "batch_size": 8}))
+    code, log = ForkRunner().run(single_cfg, tmp_path / "single", tmp_path, ENGINE_TEST_NAN_AT=str(NAN_AT),
+                                 ENGINE_TEST_RECORD=str(tmp_path / "single.json"),
+                                 ENGINE_TEST_FROZEN=str(tmp_path / "single-frozen"), **env)
+    assert code == 0, log[-3000:]
+    config = write_config(tmp_path / "zero3.yaml", toy_config(**per_rank))
+    out = tmp_path / "out"
+    proc = launch("zero3", config, out, tmp_path, ENGINE_TEST_RECORD=str(tmp_path / "zero3.json"),
+                  ENGINE_TEST_FROZEN=str(tmp_path / "frozen"), **env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "DeepSpeed ZeRO-3 on 2× cpu" in proc.stderr
+
+    expected = losses(tmp_path / "single.json")
+    assert NAN_AT not in expected and len(expected) == 5  # the NaN step of the task's own step was skipped
+    for key in ("train/loss", "train/distill", "train/odd", "val/loss"):
+        assert_same_curves(losses(tmp_path / "zero3.json", key), losses(tmp_path / "single.json", key))
+
+    single = json.loads((tmp_path / "single-frozen.rank0").read_text())
+    for rank in (0, 1):
+        report = json.loads((tmp_path / f"frozen.rank{rank}").read_text())
+        assert report["model_partitioned"] and not report["partitioned"]  # ZeRO-3 partitions the student only
+        assert report["start"] == report["end"] == single["start"]  # the same teacher everywhere, untouched
+        assert not report["requires_grad"] and not report["grads"] and not report["training"]
+        assert not report["in_optimizer"] and not report["in_model"]
+        assert report["dtypes"] == ["torch.float32"] and report["model_params"] == single["model_params"]
+
+    from interiorfusion_core.engine.toy import ToyEngineConfig, build_toy_mlp
+
+    student = set(build_toy_mlp(ToyEngineConfig.model_validate(toy_config(**per_rank))).state_dict())
+    assert set(final_model(out)) == student  # the consolidated model: the student, nothing of the teacher
+    assert_close(final_model(out), final_model(tmp_path / "single"))
+    for ckpt in sorted((out / "checkpoints").glob("step-*")):
+        names = json.loads((ckpt / "checkpoint.json").read_text())["files"]
+        assert not any("teacher" in name for name in names), ckpt.name

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 import torch
 
-from interiorfusion_core.engine import NonFiniteError, Trainer, local_context
+from interiorfusion_core.engine import Callback, NonFiniteError, Trainer, local_context
 from interiorfusion_core.engine.toy import ToyEngineConfig, ToyTask
 from interiorfusion_core.tracking import NullTracker
 
@@ -38,7 +38,7 @@ class NaNTask(ToyTask):
         return losses
 
 
-class Watch:
+class Watch(Callback):
     def __init__(self) -> None:
         self.weights: dict[int, torch.Tensor] = {}
 

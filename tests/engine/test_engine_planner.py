@@ -3,17 +3,17 @@ and clear errors for kinds without a model builder."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 from torch import nn
 
 from interiorfusion_core.config import load_config
 from interiorfusion_core.engine import models
 from interiorfusion_core.engine.planner import GIB, GPUS, memory_rows, plan
-from interiorfusion_core.engine.toy import ToyEngineConfig, build_toy_mlp
+from interiorfusion_core.engine.toy import ToyEngineConfig, _toy_activation_bytes, build_toy_mlp
 from interiorfusion_core.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -138,9 +138,32 @@ def test_cli(tmp_path: Path) -> None:
     assert bad.exit_code == 1 and "no model builder" in bad.output
 
 
-def test_meta_device_build_allocates_nothing(tmp_path: Path) -> None:
-    loaded = load_config(write(tmp_path, TOY.replace("hidden: 512", "hidden: 65536")))  # ~8.6 GB in fp32
-    before = torch.cuda.memory_allocated() if torch.cuda.is_available() else 0
-    p = plan(loaded)
-    assert p.params > 2e9 / 4
-    assert (torch.cuda.memory_allocated() if torch.cuda.is_available() else 0) == before
+def test_meta_device_build_allocates_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 0.5B-parameter toy (2 GiB in fp32) is planned from shapes alone: the builder runs on the meta device
+    (no storage behind any parameter), the counts equal the MLP's own formula, and the memory rows follow from
+    them and the toy's activation estimate."""
+    built: list[nn.Module] = []
+    spec = models.get_model_spec("engine_toy")
+
+    def build(config: Any) -> nn.Module:
+        built.append(spec.build(config))
+        return built[-1]
+
+    monkeypatch.setitem(models._builders, "engine_toy", dataclasses.replace(spec, build=build))
+    loaded = load_config(write(tmp_path, TOY.replace("hidden: 512", "hidden: 16384")))
+    p = plan(loaded, gpus=8)
+    (model,) = built
+    assert all(t.is_meta for t in model.parameters())  # nothing was allocated
+    m, t = loaded.model.model, loaded.model.training
+    h = m.hidden
+    n = (m.in_dim + 1) * h + (m.depth - 1) * (h + 1) * h + (h + 1) * m.out_dim  # Linear layers: (in + 1) × out
+    assert p.params == p.trainable == n and p.largest_tensor == h * h and n > 5e8
+    act = _toy_activation_bytes(loaded.model, None, t.batch_size, False)
+    rows = {(r.zero, r.checkpointing): r for r in p.memory}
+    zero0, zero3 = rows[0, False], rows[3, False]
+    assert p.precision == "bf16"  # the config's (default) mixed precision, whatever this machine has
+    assert (zero0.weights_gib, zero0.grads_gib, zero0.optimizer_gib) == pytest.approx(
+        (2 * n / GIB, 2 * n / GIB, 12 * n / GIB))
+    assert zero0.activations_gib == pytest.approx(act / GIB) and act > 0
+    assert zero3.weights_gib == pytest.approx((2 * n / 8 + 4 * h * h) / GIB)  # + the gather buffer
+    assert zero3.total_gib == pytest.approx(zero3.weights_gib + 2 * n / 8 / GIB + 12 * n / 8 / GIB + act / GIB)

@@ -9,6 +9,8 @@ with the CLI's exit codes. Test-only knobs come from the environment:
     ENGINE_TEST_KILL_IN_CKPT=N   SIGKILL while checkpoint N is half-written (files uploaded, no index yet)
     ENGINE_TEST_PREEMPT_AT=N     SIGTERM to rank 0 during step N (every rank must stop after step N)
     ENGINE_TEST_NAN_AT=a,b       the loss of steps a and b (1-based) is NaN
+    ENGINE_TEST_TASK=NAME        the task: toy (default), rollout (RolloutTask) or frozen (FrozenTeacherTask)
+    ENGINE_TEST_FROZEN=PATH      FrozenTeacherTask: each rank writes what it saw of the frozen model to PATH.rankN
     ENGINE_TEST_RECORD=PATH      rank 0 writes every logged metric row (train and val) to PATH (JSON)
     ENGINE_TEST_MLFLOW=1         use the real MLflow tracker (else a NullTracker, for speed)
 
@@ -24,6 +26,13 @@ import subprocess
 import sys
 from pathlib import Path
 from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from interiorfusion_core.engine import Callback, StepContext
+from interiorfusion_core.engine.toy import ToyMLP, ToyTask
 
 ROOT = Path(__file__).resolve().parents[2]
 PROGRAM = Path(__file__).resolve()
@@ -141,7 +150,7 @@ def _int_env(name: str) -> int | None:
     return int(value) if value else None
 
 
-class _Hooks:
+class _Hooks(Callback):
     def __init__(self) -> None:
         self.kill_at = _int_env("ENGINE_TEST_KILL_AT")
         self.preempt_at = _int_env("ENGINE_TEST_PREEMPT_AT")
@@ -184,6 +193,110 @@ def nan_task_class(nan_at: set[int]) -> type:
     return Task
 
 
+class RolloutTask(ToyTask):
+    """A train_step of its own: per micro-batch, two rounds of a rollout (a no-grad forward pass on inputs
+    perturbed with torch noise) followed by a forward + backward on the rollout: four forward passes and two
+    backward calls. `nan_at` (1-based steps): both losses of that step are NaN."""
+
+    nan_at: frozenset[int] = frozenset()
+
+    def train_step(self, step: StepContext) -> dict[str, torch.Tensor]:
+        batch = step.next_batch()
+        x, y = batch["x"], batch["y"]
+        poison = float("nan") if step.step in self.nan_at else 1.0
+        terms: dict[str, torch.Tensor] = {}
+        for k in range(2):
+            with torch.no_grad(), step.autocast():
+                start = x + 0.05 * torch.randn_like(x)  # the training RNG stream: restored on resume
+                guess = step.model(start)
+            with step.autocast():
+                pred = step.model(start)
+                fit = F.mse_loss(pred.float(), y.float())
+                drift = (pred.float() - guess.float()).abs().mean()  # dropout noise between two passes
+                loss = (fit + drift) * poison
+            step.backward(loss / 2)
+            terms[f"fit{k}"] = fit.detach()
+        return {"loss": (terms["fit0"] + terms["fit1"]) / 2 * poison, **terms}
+
+
+class FrozenTeacherTask(ToyTask):
+    """The toy student distilled from a frozen, randomly initialised teacher of the same shape. Its own step runs
+    two loss groups per micro-batch, each a forward pass and a backward call: fit + distillation on x, then
+    oddness on -x (the target is odd). `nan_at` (1-based steps): that step's losses are NaN."""
+
+    nan_at: frozenset[int] = frozenset()
+
+    def frozen_models(self, config: Any) -> dict[str, nn.Module]:
+        return {"teacher": ToyMLP(config.model)}
+
+    def compute_losses(self, model: Any, batch: Any) -> dict[str, torch.Tensor]:  # validation
+        x, y = batch["x"], batch["y"]
+        with torch.no_grad():
+            target = self.frozen["teacher"](x)
+        pred, mirror = model(x), model(-x)
+        fit = F.mse_loss(pred.float(), y.float())
+        odd = F.mse_loss(mirror.float(), -y.float())
+        distill = F.mse_loss(pred.float(), target.float())
+        return {"loss": fit + 0.5 * odd + 0.1 * distill, "fit": fit, "odd": odd, "distill": distill}
+
+    def train_step(self, step: StepContext) -> dict[str, torch.Tensor]:
+        assert step.frozen is self.frozen
+        batch = step.next_batch()
+        x, y = batch["x"], batch["y"]
+        poison = float("nan") if step.step in self.nan_at else 1.0
+        with torch.no_grad(), step.autocast():  # bf16 runs: the teacher's weights are bf16
+            target = step.frozen["teacher"](x)
+        with step.autocast():
+            pred = step.model(x)
+            fit = F.mse_loss(pred.float(), y.float())
+            distill = F.mse_loss(pred.float(), target.float())
+        step.backward((fit + 0.1 * distill) * poison)
+        with step.autocast():
+            odd = F.mse_loss(step.model(-x).float(), -y.float())
+        step.backward(0.5 * odd * poison)
+        loss = (fit + 0.5 * odd + 0.1 * distill).detach() * poison
+        return {"loss": loss, "fit": fit.detach(), "odd": odd.detach(), "distill": distill.detach()}
+
+
+def frozen_fingerprint(module: nn.Module) -> list[float]:
+    return [float(p.detach().double().sum()) for p in module.parameters()]
+
+
+class FrozenReport(Callback):
+    """What each rank saw of the frozen teacher, at the start and at the last step."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.report: dict[str, Any] = {}
+
+    def on_fit_start(self, trainer: Any) -> None:
+        teacher = trainer.task.frozen["teacher"]
+        self.report["start"] = frozen_fingerprint(teacher)
+        self.report["requires_grad"] = any(p.requires_grad for p in teacher.parameters())
+        self.report["training"] = teacher.training
+        self.report["dtypes"] = sorted({str(p.dtype) for p in teacher.parameters()})
+        self.report["partitioned"] = any(hasattr(p, "ds_id") for p in teacher.parameters())
+        self.report["model_partitioned"] = any(hasattr(p, "ds_id") for p in trainer.module.parameters())
+        ids = {id(p) for p in teacher.parameters()}
+        groups = [trainer.raw_optimizer.param_groups]
+        inner = getattr(trainer.engine, "optimizer", None) if trainer.engine is not None else None
+        if inner is not None:
+            groups.append(inner.param_groups)
+        self.report["in_optimizer"] = any(id(p) in ids for gs in groups for g in gs for p in g["params"])
+        self.report["in_model"] = any(id(p) in ids for p in trainer.module.parameters())
+        self.report["model_params"] = sum(1 for _ in trainer.module.parameters())
+
+    def on_step_end(self, trainer: Any, step: int) -> None:
+        if step == trainer.training.max_steps:
+            teacher = trainer.task.frozen["teacher"]
+            self.report["end"] = frozen_fingerprint(teacher)
+            self.report["grads"] = any(p.grad is not None for p in teacher.parameters())
+            Path(f"{self.path}.rank{trainer.rt.rank}").write_text(json.dumps(self.report))
+
+
+TASKS = {"toy": None, "rollout": RolloutTask, "frozen": FrozenTeacherTask}
+
+
 def main(argv: list[str]) -> int:
     import interiorfusion_core.contract as contract
     from interiorfusion_core import checkpoint
@@ -208,8 +321,14 @@ def main(argv: list[str]) -> int:
 
         checkpoint.CheckpointManager.commit = dying_commit  # type: ignore[method-assign]
 
-    toy.ToyStage.task_factory = nan_task_class(nan_at)
+    task = TASKS[os.environ.get("ENGINE_TEST_TASK", "toy")]
+    if task is None:
+        toy.ToyStage.task_factory = nan_task_class(nan_at)
+    else:
+        toy.ToyStage.task_factory = type(task.__name__, (task,), {"nan_at": frozenset(nan_at)})
     toy.ToyStage.callbacks = [_Hooks()]
+    if os.environ.get("ENGINE_TEST_FROZEN"):
+        toy.ToyStage.callbacks.append(FrozenReport(os.environ["ENGINE_TEST_FROZEN"]))
     try:
         run_stage_command("engine-toy", Path(config), None, None, output, False, "--restart" in rest)
     except UserError as exc:

@@ -12,7 +12,7 @@ import torch
 
 from interiorfusion_core.config import load_config
 from interiorfusion_core.config.base import LRScalingConfig, OptimizerConfig, SchedulerConfig, TrainingConfig
-from interiorfusion_core.engine import Trainer, grendel_scaling, local_context, lr_at, plan_phases
+from interiorfusion_core.engine import Callback, Trainer, grendel_scaling, local_context, lr_at, plan_phases
 from interiorfusion_core.engine.schedule import make_scheduler, phase_at
 from interiorfusion_core.engine.toy import ToyEngineConfig, ToyTask
 
@@ -137,7 +137,7 @@ class RecordingTask(ToyTask):
         return super().compute_losses(model, batch)
 
 
-class LrLog:
+class LrLog(Callback):
     def __init__(self) -> None:
         self.lrs: dict[int, float] = {}
 

@@ -7,11 +7,19 @@ from typing import Any
 
 import pytest
 import torch
+from pydantic import Field
 from safetensors.torch import load_file
 
 from interiorfusion_core.config import LoadedConfig
+from interiorfusion_core.config.base import (
+    OptimizerConfig,
+    SchedulerConfig,
+    StageConfig,
+    TrainableStageConfig,
+    TrainingConfig,
+)
 from interiorfusion_core.contract import run_stage
-from interiorfusion_core.engine import Trainer, local_context
+from interiorfusion_core.engine import Callback, Trainer, local_context
 from interiorfusion_core.engine.distributed import resolve_precision
 from interiorfusion_core.engine.toy import ToyEngineConfig, ToyTask
 from interiorfusion_core.errors import UserError
@@ -63,7 +71,7 @@ def test_gradient_accumulation_matches_the_big_batch(tmp_path: Path) -> None:
     assert a.metrics["loss"] == pytest.approx(b.metrics["loss"], rel=1e-5)
 
 
-class Params:
+class Params(Callback):
     def __init__(self) -> None:
         self.by_step: dict[int, dict[str, torch.Tensor]] = {}
 
@@ -112,3 +120,89 @@ def test_compute_losses_must_return_loss(tmp_path: Path) -> None:
     cfg = toy(data={"num_samples": 64, "val_samples": 0})
     with pytest.raises(KeyError, match="must return a 'loss' entry"):
         Trainer(local_context(cfg, tmp_path / "out"), NoLossTask(cfg)).fit()
+
+
+class DuckConfig(StageConfig):
+    """Has every section the trainer reads, but is not a TrainableStageConfig."""
+
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+
+    @property
+    def base_lr(self) -> float:
+        return self.optimizer.lr
+
+
+def test_the_trainer_needs_a_trainable_stage_config(tmp_path: Path) -> None:
+    cfg = DuckConfig()
+    with pytest.raises(TypeError, match="TrainableStageConfig.*DuckConfig is not one"):
+        Trainer(local_context(cfg, tmp_path / "out"), ToyTask(toy()))
+    assert isinstance(toy(), TrainableStageConfig)
+
+
+class Events(Callback):
+    def __init__(self) -> None:
+        self.events: list[tuple[str, int]] = []
+
+    def on_fit_start(self, trainer: Any) -> None:
+        self.events.append(("fit_start", trainer.state.step))
+
+    def on_step_end(self, trainer: Any, step: int) -> None:
+        self.events.append(("step_end", step))
+
+    def on_log(self, trainer: Any, step: int, metrics: Any) -> None:
+        assert "train/lr" in metrics
+        self.events.append(("log", step))
+
+    def on_validation(self, trainer: Any, step: int, metrics: Any) -> None:
+        assert "val/loss" in metrics
+        self.events.append(("validation", step))
+
+    def on_rollback(self, trainer: Any, step: int) -> None:
+        self.events.append(("rollback", step))
+
+
+class OnlyLogs(Callback):
+    def __init__(self) -> None:
+        self.steps: list[int] = []
+
+    def on_log(self, trainer: Any, step: int, metrics: Any) -> None:
+        self.steps.append(step)
+
+
+class ThirdBatchNaN(ToyTask):
+    """The third training batch has a NaN loss (step 3: one micro-batch per step)."""
+
+    seen = 0
+
+    def compute_losses(self, model: Any, batch: Any) -> Any:
+        losses = super().compute_losses(model, batch)
+        if model.training:
+            self.seen += 1
+            if self.seen == 3:
+                return {**losses, "loss": losses["loss"] * float("nan")}
+        return losses
+
+
+def test_callbacks_get_every_hook_and_default_to_no_ops(tmp_path: Path) -> None:
+    cfg = toy(max_steps=5, log_every=2, val_every=4, checkpoint_every=2, nonfinite_policy="rollback",
+              mixed_precision="no")
+    events, logs = Events(), OnlyLogs()
+    Trainer(local_context(cfg, tmp_path / "out"), ThirdBatchNaN(cfg), callbacks=[events, logs]).fit()
+    assert events.events == [
+        ("fit_start", 0), ("step_end", 1), ("step_end", 2), ("log", 2),
+        ("rollback", 2),  # step 3's NaN loss: back to checkpoint 2, step 3 runs again on the next batch
+        ("step_end", 3), ("step_end", 4), ("log", 4), ("validation", 4), ("step_end", 5),
+        ("log", 5), ("validation", 5),  # the end of the run
+    ]
+    assert logs.steps == [2, 4, 5]  # the hooks it does not override are no-ops
+
+
+def test_callbacks_must_derive_from_callback(tmp_path: Path) -> None:
+    class Plain:
+        def on_step_end(self, trainer: Any, step: int) -> None: ...
+
+    cfg = toy()
+    with pytest.raises(TypeError, match="Plain is not an interiorfusion_core.engine.Callback"):
+        Trainer(local_context(cfg, tmp_path / "out"), ToyTask(cfg), callbacks=[Plain()])

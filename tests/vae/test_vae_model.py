@@ -60,14 +60,38 @@ def test_teacher_forced_decode_covers_the_truth_exactly_once() -> None:
     assert torch.equal(child_targets(out.parents[0], coords, mask).sum(), mask.sum())
 
 
+def _children(parents: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Coordinates of the kept children, parent-major: child j of p sits at 2p + (j // 4, j // 2 % 2, j % 2)."""
+    p, j = keep.nonzero(as_tuple=True)
+    offset = torch.stack([j // 4, j // 2 % 2, j % 2], 1)
+    coords = parents.index_select(0, p)
+    return torch.cat([coords[:, :1], coords[:, 1:] * 2 + offset], 1)
+
+
+def _rows(coords: torch.Tensor) -> set[tuple[int, ...]]:
+    return {tuple(r) for r in coords.tolist()}
+
+
 def test_free_decode_prunes_by_its_own_logits() -> None:
     occ = _room()
     model = _model().eval()
     with torch.no_grad():
         enc = model.encode(occ, torch.rand(len(occ), 8))
         out = model.decode(enc["mu"])
-    # Every level below the last keeps only children with logit > 0 (or the best one if none is positive).
     assert len(out.parents) == 4 and out.voxels.spatial_shape == (32, 32, 32)
+    # Every level below the last keeps exactly the children with logit > 0 (the best one if none is positive) …
+    pruned = 0
+    for i in range(len(out.parents) - 1):
+        logits = out.child_logits[i]
+        keep = logits > 0 if bool((logits > 0).any()) else logits == logits.max()
+        pruned += int((~keep).sum())
+        assert _rows(out.parents[i + 1].coords) == _rows(_children(out.parents[i].coords, keep)), f"level {i}"
+        assert len(out.parents[i + 1]) == int(keep.sum())
+    assert pruned > 0  # the logits did prune something (the check above is not all-or-nothing)
+    # … and the last one decodes all 8 children of every voxel, in the order of its occupancy logits.
+    last = out.parents[-1]
+    assert torch.equal(out.voxels.coords, _children(last.coords, torch.ones(len(last), 8, dtype=torch.bool)))
+    assert torch.equal(out.occupancy_logits, out.child_logits[-1].reshape(-1))
 
 
 @pytest.mark.parametrize("steps", [25])

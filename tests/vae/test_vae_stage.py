@@ -9,11 +9,29 @@ import pytest
 from safetensors.torch import load_file
 from testservers import REPO
 
+from interiorfusion_core.config import load_config
 from interiorfusion_core.contract import RunOutcome, run_stage
 from interiorfusion_core.manifest import read_manifest
 from interiorfusion_core.storage import open_store
 
 pytestmark = pytest.mark.slow
+SMOKE = load_config(REPO / "configs/smoke/vae.yaml").model  # every step count and size below comes from it
+
+
+def logged_steps() -> list[int]:
+    """The steps the engine logs train metrics at: every log_every, and the last step."""
+    t = SMOKE.training
+    steps = list(range(t.log_every, t.max_steps + 1, t.log_every))
+    return steps if steps[-1] == t.max_steps else [*steps, t.max_steps]
+
+
+def phase_spans() -> list[tuple[int, int]]:
+    """(first, last) global step of each curriculum phase, 1-based."""
+    spans, start = [], 0
+    for phase in SMOKE.training.curriculum:
+        spans.append((start + 1, start + phase.steps))
+        start += phase.steps
+    return spans
 
 
 @pytest.fixture(scope="module")
@@ -29,12 +47,15 @@ def test_manifest_checkpoint_and_latents(smoke: tuple[RunOutcome, str]) -> None:
     m = read_manifest(outcome.uri)
     store = open_store(outcome.uri)
     ckpt = m.outputs["checkpoint"]
-    assert ckpt.endswith("step-00000080") and f"{ckpt}/model.safetensors" in m.artifacts
+    assert ckpt == f"checkpoints/step-{SMOKE.training.max_steps:08d}" and f"{ckpt}/model.safetensors" in m.artifacts
     model_key = f"{ckpt}/model.safetensors"
     weights = load_file(str(store.open_local(model_key, m.artifacts[model_key].sha256)))
     assert any(k.startswith("geometry_encoder.") for k in weights) and "decoder.material_prior" in weights
     index = json.loads(store.get_bytes("latents/index.json"))
-    assert index["format"] == "interiorfusion.latents/1" and index["latent_resolution"] == 64 // 16
+    compression = 2 ** (len(SMOKE.model.channels) - 1)  # one 2× downsampling between channel levels
+    assert index["format"] == "interiorfusion.latents/1"
+    assert index["latent_resolution"] == SMOKE.model.target_resolution // compression
+    assert index["latent_dim"] == SMOKE.model.latent_dim
     data_index = json.loads(open_store(data_uri).get_bytes("dataset.json"))
     for split, info in index["splits"].items():
         assert info["samples"] == data_index["splits"][split]["num_samples"]
@@ -52,16 +73,21 @@ def test_loss_and_pruning_fall_and_mlflow_has_the_run(smoke: tuple[RunOutcome, s
     m = read_manifest(smoke[0].uri)
     client = MlflowClient()
     run = client.get_run(m.mlflow_run_id)
-    assert run.info.status == "FINISHED" and run.data.params["model.latent_dim"] == "8"
+    assert run.info.status == "FINISHED" and run.data.params["model.latent_dim"] == str(SMOKE.model.latent_dim)
 
-    def history(name: str) -> list[float]:
-        return [x.value for x in sorted(client.get_metric_history(run.info.run_id, name), key=lambda x: x.step)]
+    def history(name: str) -> dict[int, float]:
+        return {x.step: x.value for x in client.get_metric_history(run.info.run_id, name)}
 
-    # Per curriculum phase (32³ for steps 1-40, 64³ for 41-80): the loss and the pruning BCE fall.
+    # Per curriculum phase: the loss and the pruning BCE fall from the phase's first logged step to its last.
     loss, prune = history("train/loss"), history("train/pruning")
-    assert len(loss) == 16
-    assert loss[7] < 0.8 * loss[0] and loss[15] < 0.8 * loss[8]
-    assert prune[7] < prune[0] and prune[15] < prune[8]
+    assert sorted(loss) == sorted(prune) == logged_steps()
+    spans = phase_spans()
+    assert len(spans) == len(SMOKE.training.curriculum) >= 2
+    for first, last in spans:
+        steps = [s for s in logged_steps() if first <= s <= last]
+        assert len(steps) >= 2, (first, last)
+        assert loss[steps[-1]] < 0.8 * loss[steps[0]], (first, last)
+        assert prune[steps[-1]] < prune[steps[0]], (first, last)
     images = [a.path for a in client.list_artifacts(run.info.run_id, "images")]
     assert "images/vae_reconstruction.png" in images
 
@@ -69,6 +95,7 @@ def test_loss_and_pruning_fall_and_mlflow_has_the_run(smoke: tuple[RunOutcome, s
 def test_held_out_reconstruction_beats_trivial_baselines(smoke: tuple[RunOutcome, str]) -> None:
     report = json.loads(open_store(smoke[0].uri).get_bytes("eval.json"))
     metrics = report["metrics"]
-    assert report["split"] == "val" and report["samples"] >= 1 and report["resolution"] == 64
+    assert report["split"] == SMOKE.encode.eval_split and report["samples"] >= 1
+    assert report["resolution"] == SMOKE.model.target_resolution
     assert metrics["occupancy_iou"] > 1.3 * metrics["baseline_occupancy_iou"]
     assert metrics["material_l1"] < metrics["baseline_material_l1"]

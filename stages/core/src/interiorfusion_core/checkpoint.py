@@ -31,13 +31,16 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from interiorfusion_core.errors import StorageError, UserError
 from interiorfusion_core.storage import ArtifactStore, LocalStore, ObjectInfo
+
+if TYPE_CHECKING:
+    from interiorfusion_core.manifest import Manifest
 
 CHECKPOINT_PREFIX = "checkpoints"
 INDEX_NAME = "checkpoint.json"
@@ -372,6 +375,61 @@ class CheckpointManager:
                 remember(self.store.stat(key))
 
 
+# ---------------------------------------------------------------------------------------------- upstream stages
+@dataclass(frozen=True)
+class LoadedCheckpoint:
+    """The checkpoint an upstream stage recorded as its `checkpoint` output, verified."""
+
+    state_dict: dict[str, torch.Tensor]
+    config: dict[str, Any]  # the upstream run's resolved config (its manifest's `config`)
+    step: int
+    key: str  # the checkpoint's key under the upstream output, e.g. "checkpoints/step-00000080"
+    uri: str  # where it was read from
+
+
+def load_stage_checkpoint(
+    upstream: Any, *, map_location: str | torch.device = "cpu", file: str = MODEL_FILE
+) -> LoadedCheckpoint:
+    """Load `file` (default model.safetensors) of the checkpoint a completed stage output names in
+    `manifest.outputs["checkpoint"]`. `upstream` has `uri`, `manifest` and `store` (a `StageInput`).
+
+    Verified end to end: the checkpoint's index is checked against the sha256 the manifest recorded; every file the
+    index lists must be in the manifest with the same size and sha256; the loaded file's bytes are checked against
+    both on download. Errors are one-sentence UserErrors (ChecksumError for changed bytes) naming the URI."""
+    manifest: Manifest = upstream.manifest
+    store: ArtifactStore = upstream.store
+    key = manifest.outputs.get("checkpoint")
+    if not key:
+        raise UserError(f"{upstream.uri}: stage '{manifest.stage}' recorded no 'checkpoint' output, so there is no "
+                        "checkpoint to load from it")
+    where = store.uri_for(key)
+
+    def recorded(name: str) -> str:
+        entry = manifest.artifacts.get(f"{key}/{name}")
+        if entry is None:
+            raise UserError(f"{where}: the manifest of {upstream.uri} does not list '{name}' of its checkpoint")
+        return entry.sha256
+
+    index = store.get_json(f"{key}/{INDEX_NAME}", recorded(INDEX_NAME))
+    if not isinstance(index, dict) or index.get("format") != FORMAT or not isinstance(index.get("files"), dict):
+        raise CheckpointError(f"{store.uri_for(f'{key}/{INDEX_NAME}')}: not a {FORMAT} checkpoint index")
+    for name, entry in sorted(index["files"].items()):
+        listed = manifest.artifacts.get(f"{key}/{name}")
+        if listed is None or listed.sha256 != entry.get("sha256") or listed.size != entry.get("size"):
+            raise CheckpointError(f"{where}: '{name}' is not the file the manifest of {upstream.uri} recorded "
+                                  "(the checkpoint changed after the stage finished)")
+    if file not in index["files"]:
+        raise CheckpointError(f"{where}: the checkpoint has no '{file}'")
+    sha = index["files"][file]["sha256"]
+    with tempfile.TemporaryDirectory(prefix="interiorfusion-upstream-") as tmp:
+        inner = getattr(store, "inner", store)
+        path = (store.open_local(f"{key}/{file}", sha) if isinstance(inner, LocalStore)
+                else store.get_file(f"{key}/{file}", Path(tmp) / file, sha))
+        state = load_state_dict(path, map_location)  # safetensors: tensors only, never a pickle
+    return LoadedCheckpoint(state_dict=state, config=dict(manifest.config), step=int(index["step"]), key=key,
+                            uri=where)
+
+
 # ---------------------------------------------------------------------------------------------- ZeRO export
 def consolidate_zero_checkpoint(
     manager: CheckpointManager, info: CheckpointInfo | None = None, *, work_dir: str | Path | None = None
@@ -420,9 +478,11 @@ __all__ = [
     "CheckpointInfo",
     "CheckpointManager",
     "CheckpointWriter",
+    "LoadedCheckpoint",
     "capture_rng_state",
     "consolidate_zero_checkpoint",
     "export_model",
+    "load_stage_checkpoint",
     "load_state_dict",
     "load_torch",
     "rank_file",

@@ -144,6 +144,15 @@ class StageContext:
     def is_main(self) -> bool:
         return self.rank == 0
 
+    def load_input_checkpoint(self, name: str, map_location: Any = "cpu") -> Any:
+        """The verified weights and resolved config of input `name`'s "checkpoint" output: a
+        `checkpoint.LoadedCheckpoint` (see `checkpoint.load_stage_checkpoint`)."""
+        from interiorfusion_core.checkpoint import load_stage_checkpoint
+
+        if name not in self.inputs:
+            raise UserError(f"stage '{self.stage}' got no input '{name}' (inputs: {', '.join(self.inputs) or 'none'})")
+        return load_stage_checkpoint(self.inputs[name], map_location=map_location)
+
 
 @dataclass
 class StageResult:

@@ -61,6 +61,11 @@ def sha256_file(path: str | Path) -> str:
     return h.hexdigest()
 
 
+def check_range(start: int, end: int) -> None:
+    if start < 0 or end < start:
+        raise ValueError(f"invalid byte range [{start}, {end}): need 0 <= start <= end")
+
+
 def _check(key: str, uri: str, actual: str, expected: str | None) -> None:
     if expected is not None and actual != expected:
         raise ChecksumError(
@@ -93,6 +98,15 @@ class ArtifactStore(ABC):
 
     @abstractmethod
     def get_bytes(self, key: str, sha256: str | None = None) -> bytes: ...
+
+    def get_range(self, key: str, start: int, end: int) -> bytes:
+        """Bytes [start, end) of an object: `end` is exclusive, like a slice (`get_range(k, 0, 4)` is the first 4
+        bytes). Fewer bytes come back when the object ends before `end` (none when it ends before `start`);
+        StorageError when the object does not exist. Not verified (a range has no recorded sha256): callers that
+        index ranges record their own digests. Stores override this with a real ranged read; this fallback reads
+        the whole object."""
+        check_range(start, end)
+        return self.get_bytes(key)[start:end]
 
     @abstractmethod
     def exists(self, key: str) -> bool: ...
@@ -208,6 +222,17 @@ class LocalStore(ArtifactStore):
                 raise
         os.replace(tmp, dest)
         return dest
+
+    def get_range(self, key: str, start: int, end: int) -> bytes:
+        check_range(start, end)
+        try:
+            with open(self._path(key), "rb") as f:
+                f.seek(start)
+                return f.read(end - start)
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            raise StorageError(f"{self.uri_for(key)}: no such artifact") from None
+        except OSError as exc:
+            raise StorageError(f"{self.uri_for(key)}: read failed ({exc.strerror or exc})") from None
 
     def open_local(self, key: str, sha256: str | None = None) -> Path:
         p = self._path(key)
@@ -384,6 +409,22 @@ class S3Store(ArtifactStore):
             raise self._fail(key, "download", exc) from None
         os.replace(tmp, dest)
         return dest
+
+    def get_range(self, key: str, start: int, end: int) -> bytes:
+        check_range(start, end)
+        if end == start:
+            if not self.exists(key):
+                raise StorageError(f"{self.uri_for(key)}: no such artifact")
+            return b""
+        try:
+            # HTTP ranges are inclusive: bytes=start-(end-1).
+            resp = s3_client().get_object(Bucket=self.bucket, Key=self._key(key), Range=f"bytes={start}-{end - 1}")
+            return resp["Body"].read()
+        except Exception as exc:
+            code = getattr(exc, "response", {}).get("Error", {}).get("Code") if hasattr(exc, "response") else None
+            if code in ("InvalidRange", "416"):
+                return b""  # the object ends before `start`
+            raise self._fail(key, "ranged read", exc) from None
 
     def exists(self, key: str) -> bool:
         try:

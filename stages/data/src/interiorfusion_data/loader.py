@@ -31,12 +31,12 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from interiorfusion_core.errors import UserError
+from interiorfusion_core.errors import StorageError, UserError
 from interiorfusion_core.manifest import MANIFEST_KEY, read_manifest
 from interiorfusion_core.state import distributed_rank
 from interiorfusion_core.storage import ArtifactStore, open_store
 from interiorfusion_data.format import DATASET_FORMAT, SampleError, decode_sample
-from interiorfusion_data.shards import RangeReader, sample_members
+from interiorfusion_data.shards import sample_members
 
 log = logging.getLogger("interiorfusion_data")
 STATE_FORMAT = 1
@@ -64,7 +64,6 @@ class SceneDataset:
         self.split = split
         self.info = dataset
         self.refs = refs
-        self.reader = RangeReader(store)
 
     def __len__(self) -> int:
         return len(self.refs)
@@ -80,7 +79,12 @@ class SceneDataset:
     def members(self, i: int) -> dict[str, bytes]:
         """The raw members of sample i, verified against the index (SampleError when corrupt)."""
         ref = self.refs[i]
-        data = self.reader.read(ref.shard, ref.offset, ref.size)
+        try:
+            data = self.store.get_range(ref.shard, ref.offset, ref.offset + ref.size)
+        except StorageError:
+            if self.store.exists(ref.shard):
+                raise  # the server, not the sample (unreachable, auth): fail loudly, don't count it as corrupt
+            raise SampleError(f"{ref.name}: the shard is missing") from None
         if len(data) != ref.size:
             raise SampleError(f"{ref.name}: truncated ({len(data)} of {ref.size} bytes)")
         if hashlib.sha256(data).hexdigest() != ref.sha256:

@@ -2,8 +2,9 @@
 
 `shard-000000.tar` holds each sample's members as consecutive entries `{key}.{name}`; any tar tool or the
 webdataset library reads it. Beside it, `shard-000000.idx.json` records each sample's byte span in the tar
-and the sha256 of that span, so a reader can fetch one sample with one ranged read (S3 `Range` GET or a local
-seek) and verify it on its own: a corrupt or truncated sample is detected and skipped without losing the shard.
+and the sha256 of that span, so a reader can fetch one sample with one ranged read (`ArtifactStore.get_range`:
+an S3 `Range` GET or a local seek) and verify it on its own: a corrupt or truncated sample is detected and skipped
+without losing the shard.
 Tars are written deterministically (mtime 0, uid/gid 0, fixed member order), so the same samples give the
 same bytes.
 """
@@ -11,15 +12,10 @@ same bytes.
 from __future__ import annotations
 
 import hashlib
-import os
-import threading
-from collections import OrderedDict
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from interiorfusion_core.errors import StorageError
-from interiorfusion_core.storage import ArtifactStore, LocalStore, S3Store, join_key, s3_client
 from interiorfusion_data.format import INDEX_FORMAT, EncodedSample, SampleError
 
 BLOCK = 512
@@ -161,66 +157,3 @@ def iter_tar_samples(data: bytes, where: str = "") -> Iterator[tuple[str, dict[s
         members[ext] = blob
     if current is not None:
         yield current, members
-
-
-# ---------------------------------------------------------------------------------------------- ranged reads
-class RangeReader:
-    """Reads byte ranges of objects in an ArtifactStore: local seeks (file handles cached) or S3 Range GETs.
-
-    Used from DataLoader workers: handles and clients are created lazily per process."""
-
-    def __init__(self, store: ArtifactStore, max_open: int = 16):
-        self.store = store
-        self.max_open = max_open
-        self._files: OrderedDict[str, BinaryIO] = OrderedDict()
-        self._pid = os.getpid()
-        self._lock = threading.Lock()
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {"store": self.store, "max_open": self.max_open}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(state["store"], state["max_open"])  # type: ignore[misc]
-
-    def read(self, key: str, offset: int, size: int) -> bytes:
-        if isinstance(self.store, LocalStore):
-            return self._read_local(key, offset, size)
-        if isinstance(self.store, S3Store):
-            return self._read_s3(key, offset, size)
-        # Any other store: whole object (slow path, kept for completeness).
-        return self.store.get_bytes(key)[offset:offset + size]
-
-    def _read_local(self, key: str, offset: int, size: int) -> bytes:
-        with self._lock:
-            if os.getpid() != self._pid:
-                self._files.clear()
-                self._pid = os.getpid()
-            f = self._files.get(key)
-            if f is None:
-                path = self.store.root / key  # type: ignore[attr-defined]
-                try:
-                    f = open(path, "rb")  # noqa: SIM115 (cached; closed on eviction)
-                except OSError as exc:
-                    raise SampleError(f"{self.store.uri_for(key)}: cannot open ({exc.strerror})") from None
-                self._files[key] = f
-                if len(self._files) > self.max_open:
-                    self._files.popitem(last=False)[1].close()
-            else:
-                self._files.move_to_end(key)
-            f.seek(offset)
-            return f.read(size)
-
-    def _read_s3(self, key: str, offset: int, size: int) -> bytes:
-        store: S3Store = self.store  # type: ignore[assignment]
-        full = join_key(store.prefix, key)
-        try:
-            resp = s3_client().get_object(Bucket=store.bucket, Key=full, Range=f"bytes={offset}-{offset + size - 1}")
-            return resp["Body"].read()
-        except Exception as exc:
-            code = getattr(exc, "response", {}).get("Error", {}).get("Code") if hasattr(exc, "response") else None
-            if code in ("InvalidRange", "416", "NoSuchKey", "404"):
-                return b""  # the object is missing or shorter than the index says: the sample is lost
-            # Anything else (server unreachable, auth) is not the sample's fault: fail loudly, don't count it.
-            raise StorageError(f"{store.uri_for(key)}: ranged read failed against "
-                               f"{os.environ.get('AWS_ENDPOINT_URL') or 'AWS'} ({code or type(exc).__name__}: {exc})"
-                               ) from None

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator, Mapping
-from typing import Any, ClassVar, Protocol, runtime_checkable
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 
 import torch
 from torch import nn
 
 from interiorfusion_core.config.base import CurriculumPhase
+
+if TYPE_CHECKING:
+    from interiorfusion_core.engine.step import StepContext
 
 
 @runtime_checkable
@@ -33,12 +37,15 @@ class ResumableLoader(Protocol):
 
 
 class TrainTask(ABC):
-    """Subclass per stage. The engine calls, in order: `build_model`, `make_loader` (again at every curriculum
-    phase change), then `compute_losses` for every micro-batch; `val_batches` every `training.val_every` steps."""
+    """Subclass per stage. The engine calls, in order: `build_model`, `frozen_models`, `make_loader` (again at
+    every curriculum phase change), then `train_step` for every micro-batch (by default: the next batch through
+    `compute_losses`, then backward); `val_batches` every `training.val_every` steps."""
 
     # Name of the stage's own throughput unit (e.g. "voxels", "tokens"): logged as train/<unit>_per_s when
     # `count_units` returns a number.
     unit_name: ClassVar[str | None] = None
+    # The models `frozen_models` built, ready to use (on the device, eval mode, no grad); set by the trainer.
+    frozen: Mapping[str, nn.Module] = MappingProxyType({})
 
     @abstractmethod
     def build_model(self, config: Any) -> nn.Module:
@@ -54,7 +61,32 @@ class TrainTask(ABC):
     def compute_losses(self, model: nn.Module, batch: Any) -> Mapping[str, torch.Tensor]:
         """Scalar losses: "loss" (the total that is back-propagated) and any named terms (logged). `model` is the
         wrapped model (DDP / DeepSpeed engine): call it as `model(...)` so gradient hooks fire; use
-        `interiorfusion_core.engine.unwrap(model)` to reach attributes."""
+        `interiorfusion_core.engine.unwrap(model)` to reach attributes. Validation uses it too (no grad, eval
+        mode), also for tasks that override `train_step`."""
+
+    def frozen_models(self, config: Any) -> Mapping[str, nn.Module]:
+        """Auxiliary networks used but never trained (a teacher, a perceptual or reward network), on CPU in fp32.
+        Built on every rank outside `deepspeed.zero.Init` (never partitioned) with their own seeded RNG; the
+        trainer freezes them (`requires_grad_(False)`, `eval()`), moves them to the device in the run's precision
+        (bf16 where the run is bf16: call them under `step.autocast()`, as the validation's `compute_losses` is)
+        and puts them in `self.frozen` and `StepContext.frozen`. They are not in the optimizer, the EMA or the
+        checkpoints (load their weights here). They must not share parameters with the model."""
+        return {}
+
+    def train_step(self, step: StepContext) -> Mapping[str, torch.Tensor]:
+        """One micro-batch: call `step.backward(...)` at least once, return the losses to log ("loss" and named
+        terms, scalars, the same keys every call). Override for rollouts, several forward passes or several loss
+        groups; the trainer keeps accumulation, clipping, the non-finite guard, metrics and checkpoints around it.
+        A non-finite "loss" or gradient norm skips the step (`training.nonfinite_policy`); under DeepSpeed the
+        update happens inside the engine, so the guard acts through the gradients: a non-finite loss must go
+        through `step.backward`. The default: the next batch through `compute_losses`, one backward."""
+        batch = step.next_batch()
+        with step.autocast():
+            losses = self.compute_losses(step.model, batch)
+        if "loss" not in losses:
+            raise KeyError(f"{type(self).__name__}.compute_losses must return a 'loss' entry (got {sorted(losses)})")
+        step.backward(losses["loss"])
+        return losses
 
     def val_batches(self, rank: int, world_size: int) -> Iterable[Any] | None:
         """Validation batches of this rank (None: no validation). Up to `training.val_batches` are used."""

@@ -27,6 +27,7 @@ from interiorfusion_core.config.base import (
     TrainableStageConfig,
 )
 from interiorfusion_core.contract import Stage, StageContext, StageResult
+from interiorfusion_core.engine.callbacks import Callback
 from interiorfusion_core.engine.data import InMemoryLoader
 from interiorfusion_core.engine.models import register_model_builder
 from interiorfusion_core.engine.task import TrainTask
@@ -161,7 +162,7 @@ class ToyStage(Stage):
     config_model = ToyEngineConfig
     description = "engine self-test: a tiny MLP regression"
     # Tests hook in here (callbacks, a task subclass); real stages construct their Trainer directly.
-    callbacks: ClassVar[list[Any]] = []
+    callbacks: ClassVar[list[Callback]] = []
     task_factory: ClassVar[Any] = ToyTask
 
     def run(self, ctx: StageContext) -> StageResult:

@@ -20,13 +20,15 @@ import signal
 import sys
 import time
 import warnings
-from collections.abc import Sequence
-from contextlib import contextmanager, nullcontext
+from collections.abc import Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import torch
+from torch import nn
 
 from interiorfusion_core.checkpoint import (
     DEEPSPEED_DIR,
@@ -47,7 +49,9 @@ from interiorfusion_core.checkpoint import (
     seed_everything,
     step_dir,
 )
-from interiorfusion_core.config.base import OptimizerConfig, SchedulerConfig, TrainingConfig
+from interiorfusion_core.config.base import OptimizerConfig, SchedulerConfig, TrainableStageConfig, TrainingConfig
+from interiorfusion_core.contract import StageContext
+from interiorfusion_core.engine.callbacks import Callback
 from interiorfusion_core.engine.distributed import (
     all_reduce,
     barrier,
@@ -60,7 +64,6 @@ from interiorfusion_core.engine.distributed import (
 from interiorfusion_core.engine.ema import EMA
 from interiorfusion_core.engine.schedule import (
     Phase,
-    base_lr,
     grendel_scaling,
     make_optimizer,
     make_scheduler,
@@ -69,6 +72,7 @@ from interiorfusion_core.engine.schedule import (
     plan_phases,
 )
 from interiorfusion_core.engine.signals import Preempted, PreemptionGuard
+from interiorfusion_core.engine.step import StepContext
 from interiorfusion_core.engine.task import TrainTask
 from interiorfusion_core.errors import UserError
 
@@ -152,13 +156,23 @@ def isolated_rng(seed: int) -> Any:
 
 
 class Trainer:
-    def __init__(self, ctx: Any, task: TrainTask, *, callbacks: Sequence[Any] = ()):
+    def __init__(self, ctx: StageContext, task: TrainTask, *, callbacks: Sequence[Callback] = ()):
+        config = ctx.config
+        if not isinstance(config, TrainableStageConfig):
+            raise TypeError(
+                f"the Trainer needs a config derived from interiorfusion_core.config.base.TrainableStageConfig "
+                f"(optimizer, scheduler and training sections); {type(config).__name__} is not one"
+            )
         self.ctx = ctx
         self.task = task
-        self.config = ctx.config
-        self.training: TrainingConfig = self.config.training
-        self.opt_cfg: OptimizerConfig = self.config.optimizer
-        self.sched_cfg: SchedulerConfig = getattr(self.config, "scheduler", None) or SchedulerConfig()
+        self.config: TrainableStageConfig = config
+        self.training: TrainingConfig = config.training
+        self.opt_cfg: OptimizerConfig = config.optimizer
+        self.sched_cfg: SchedulerConfig = config.scheduler
+        for cb in callbacks:
+            if not isinstance(cb, Callback):
+                raise TypeError(f"callback {type(cb).__name__} is not an interiorfusion_core.engine.Callback; "
+                                "derive it from Callback (its hooks default to no-ops)")
         self.callbacks = list(callbacks)
         self.tracker = ctx.tracker
         self.state = TrainState()
@@ -183,8 +197,7 @@ class Trainer:
         self.rt = rt = make_runtime(t)
         if rt.device.type == "cpu":
             torch.set_num_threads(cpu_threads(t.cpu_threads))
-        if (getattr(self.ctx, "rank", rt.rank), getattr(self.ctx, "world_size", rt.world_size)) != (
-            rt.rank, rt.world_size):
+        if (self.ctx.rank, self.ctx.world_size) != (rt.rank, rt.world_size):
             log.warning("context says rank %s/%s, accelerate says %s/%s; using accelerate's",
                         self.ctx.rank, self.ctx.world_size, rt.rank, rt.world_size)
         if (t.nonfinite_policy == "skip" and rt.deepspeed and rt.zero_stage in (0, 1, 2) and t.grad_clip == 0):
@@ -194,13 +207,14 @@ class Trainer:
             )
         self.global_batch = t.batch_size * rt.world_size * t.gradient_accumulation
         self.hp = grendel_scaling(self.opt_cfg, t.lr_scaling, self.global_batch)
-        lr0 = base_lr(self.config)
+        lr0 = self.config.base_lr
         self.base_lr = lr0 * self.hp.lr_factor
         self.phases: list[Phase] = plan_phases(t, lr0, self.hp.lr_factor)
 
         seed_everything(t.seed)  # same initial weights on every rank and every world size
         with model_init_context(rt):
             model = self.task.build_model(self.config)
+        self.frozen = self._build_frozen(model)  # outside zero.Init: never partitioned, never trained
         groups = self.task.param_groups(model, self.opt_cfg.weight_decay) or param_groups(
             model, self.opt_cfg.weight_decay)
         self.raw_optimizer = make_optimizer(groups, self.base_lr, self.hp)
@@ -208,11 +222,14 @@ class Trainer:
         self.model, self.optimizer = rt.accelerator.prepare(model, self.raw_optimizer)
         self.module = unwrap(self.model)
         self.engine = self.model if rt.deepspeed else None
+        self._ddp = rt.distributed and not rt.deepspeed
+        self.step_context = StepContext(rt, self.model, self.module, self.frozen, t.gradient_accumulation,
+                                        self._micro_batch, self.engine)
         self._params = [p for p in self.module.parameters() if p.requires_grad]
         self.ema = (
             EMA(self.module, t.ema.decay, t.ema.start_step, zero3=rt.zero_stage == 3) if t.ema is not None else None
         )
-        work = Path(getattr(self.ctx, "work_dir", None) or Path.cwd() / ".interiorfusion-work") / f"rank-{rt.rank:05d}"
+        work = Path(self.ctx.work_dir) / f"rank-{rt.rank:05d}"
         self.work_dir = work
         self.ckpt = CheckpointManager(self.ctx.output, keep_last=t.keep_last_checkpoints, work_dir=work)
         seed_everything(_rank_seed(t.seed, rt.rank))
@@ -232,6 +249,29 @@ class Trainer:
         self._announce()
         if t.nonfinite_policy == "rollback" and resume_step is None:
             self._save()  # something to roll back to before the first periodic checkpoint
+
+    def _build_frozen(self, model: nn.Module) -> Mapping[str, nn.Module]:
+        """The task's frozen models: the same weights on every rank (their own seeded RNG, which leaves the
+        trained model's init stream alone), no gradients, eval mode, on the device in the run's precision."""
+        rt = self.rt
+        with isolated_rng(self.training.seed + 17):
+            built = dict(self.task.frozen_models(self.config) or {})
+        trained = {id(p) for p in model.parameters()}
+        dtype = torch.bfloat16 if rt.precision == "bf16" else None
+        for name, module in built.items():
+            if not isinstance(module, nn.Module):
+                raise TypeError(f"{type(self.task).__name__}.frozen_models: '{name}' is a {type(module).__name__}, "
+                                "not an nn.Module")
+            if any(id(p) in trained for p in module.parameters()):
+                raise ValueError(f"{type(self.task).__name__}.frozen_models: '{name}' shares parameters with the "
+                                 "trained model; a frozen model must be a separate module")
+            module.requires_grad_(False).eval()
+            module.to(rt.device)
+            if dtype is not None:
+                module.to(dtype)  # floating parameters and buffers only
+        frozen = MappingProxyType(built)
+        self.task.frozen = frozen
+        return frozen
 
     def _announce(self) -> None:
         if not self.rt.is_main:
@@ -285,38 +325,38 @@ class Trainer:
                     f"{self.rt.rank}; it needs at least one batch of {self.training.batch_size} samples"
                 ) from None
 
+    def _micro_batch(self, to_device: bool = True) -> Any:
+        """The next batch for `StepContext.next_batch`: counted for samples/s and units/s, moved to the device."""
+        task = self.task
+        batch = self._next_batch()
+        units = task.count_units(batch)
+        if units is not None:
+            self._win_units += float(units)
+        bs = task.batch_size_of(batch)
+        self._win_samples += bs if bs is not None else self.training.batch_size
+        return task.to_device(batch, self.rt.device, self.rt.input_dtype) if to_device else batch
+
     # ------------------------------------------------------------------------------------------ one step
     def _train_step(self) -> tuple[bool, bool, dict[str, torch.Tensor], torch.Tensor]:
-        rt, t, task = self.rt, self.training, self.task
+        rt, t, task, sc = self.rt, self.training, self.task, self.step_context
         ga = t.gradient_accumulation
+        sc.step = self.state.step + 1
+        sc.phase = self.phase.spec
         terms: dict[str, torch.Tensor] = {}
         for micro in range(ga):
-            batch = self._next_batch()
-            units = task.count_units(batch)
-            if units is not None:
-                self._win_units += float(units)
-            bs = task.batch_size_of(batch)
-            self._win_samples += bs if bs is not None else t.batch_size
-            batch = task.to_device(batch, rt.device, rt.input_dtype)
-            last = micro == ga - 1
-            no_sync = (not last and rt.distributed and not rt.deepspeed)
-            with rt.accelerator.no_sync(self.model) if no_sync else nullcontext():
-                with rt.autocast():
-                    losses = task.compute_losses(self.model, batch)
-                if "loss" not in losses:
-                    raise KeyError(f"{type(task).__name__}.compute_losses must return a 'loss' entry (got "
-                                   f"{sorted(losses)})")
-                loss = losses["loss"]
-                if rt.deepspeed:
-                    # DeepSpeed steps inside step(), before we could look: a non-finite loss is turned into
-                    # non-finite gradients (× NaN; × 1.0 is exact otherwise) so DeepSpeed's own check skips it.
-                    ok = torch.isfinite(loss.detach())
-                    loss = loss * torch.where(ok, 1.0, math.nan).to(loss.dtype)
-                    self.engine.backward(loss)  # DeepSpeed divides by its gradient_accumulation_steps
-                    self.engine.step()  # applies (and clips) only at the accumulation boundary
-                else:
-                    # Plain autograd: bf16 needs no loss scaler, and accelerate's wrappers cost ~1 ms a step.
-                    (loss / ga if ga > 1 else loss).backward()
+            sc.micro = micro
+            sc.backwards = 0
+            if self._ddp and micro < ga - 1:
+                with rt.accelerator.no_sync(self.model):  # gradients all-reduce in the last micro-batch only
+                    losses = task.train_step(sc)
+            else:
+                losses = task.train_step(sc)
+            if "loss" not in losses:
+                raise KeyError(f"{type(task).__name__}.train_step must return a 'loss' entry (got {sorted(losses)})")
+            if not sc.backwards:
+                raise RuntimeError(f"{type(task).__name__}.train_step returned without calling step.backward()")
+            if self.engine is not None:
+                self.engine.step()  # applies (and clips) only at the accumulation boundary
             for k, v in losses.items():
                 v = v.detach().float()
                 terms[k] = terms[k] + v if k in terms else v
@@ -360,9 +400,7 @@ class Trainer:
         try:
             with self.guard:
                 for cb in self.callbacks:
-                    fn = getattr(cb, "on_fit_start", None)
-                    if fn is not None:
-                        fn(self)
+                    cb.on_fit_start(self)
                 self._loop()
                 return self._finish()
         finally:
@@ -387,9 +425,7 @@ class Trainer:
             if self._pbar is not None:
                 self._pbar.update(1)
             for cb in self.callbacks:
-                fn = getattr(cb, "on_step_end", None)
-                if fn is not None:
-                    fn(self, step)
+                cb.on_step_end(self, step)
             if step < t.max_steps and step >= self.phase.end:
                 self._enter_phase(self.phases[self.phase.index + 1])
             if step % t.log_every == 0:
@@ -409,7 +445,7 @@ class Trainer:
         self.tracker.flush()
         name = signal.Signals(signum).name
         raise Preempted(
-            f"{getattr(self.ctx, 'stage', 'training')}: stopped by {name} at step {self.state.step}; checkpoint "
+            f"{self.ctx.stage}: stopped by {name} at step {self.state.step}; checkpoint "
             f"{self.ckpt.store.uri_for(step_dir(self.state.step))} is complete; rerun the same command to resume",
             signum, self.state.step, key,
         )
@@ -446,9 +482,7 @@ class Trainer:
         self._restore(info, full=False)
         st.rollbacks += 1
         for cb in self.callbacks:
-            fn = getattr(cb, "on_rollback", None)
-            if fn is not None:
-                fn(self, st.step)
+            cb.on_rollback(self, st.step)
         if self.phase.index != phase_at(self.phases, st.step).index:
             # The checkpoint is from an earlier phase: that phase's loader resumes where the checkpoint left it.
             self._enter_phase(phase_at(self.phases, st.step), self._read_data_state(info))
@@ -509,9 +543,7 @@ class Trainer:
                       f" lr {self._step_lr:.3g} gn {metrics.get('train/grad_norm', math.nan):.3g}"
                       f" {metrics['train/samples_per_s']:.1f} samples/s")
         for cb in self.callbacks:
-            fn = getattr(cb, "on_log", None)
-            if fn is not None:
-                fn(self, self.state.step, metrics)
+            cb.on_log(self, self.state.step, metrics)
         self._reset_window()
         return metrics
 
@@ -552,16 +584,12 @@ class Trainer:
         self.tracker.log_metrics(metrics, step=self.state.step)
         self._last_val, self._last_val_step = metrics, self.state.step
         for cb in self.callbacks:
-            fn = getattr(cb, "on_validation", None)
-            if fn is not None:
-                fn(self, self.state.step, metrics)
+            cb.on_validation(self, self.state.step, metrics)
         return metrics
 
     # ------------------------------------------------------------------------------------------ checkpoints
     def _meta(self) -> dict[str, Any]:
         rt = self.rt
-        loaded = getattr(self.ctx, "loaded", None)
-        config = loaded.resolved if loaded is not None else self.config.model_dump(mode="json")
         return {
             "epoch": self.state.epoch,
             "phase": self.phase.index,
@@ -573,7 +601,7 @@ class Trainer:
             "precision": rt.precision,
             "trainer": self.state.to_json(),
             "metrics": {k: v for k, v in self._last_train.items() if math.isfinite(v)},
-            "config": config,
+            "config": self.ctx.loaded.resolved,
         }
 
     def save_checkpoint(self) -> str:
@@ -718,7 +746,7 @@ class Trainer:
             from tqdm.auto import tqdm
 
             self._pbar = tqdm(total=self.training.max_steps, initial=self.state.step, dynamic_ncols=True,
-                              desc=str(getattr(self.ctx, "stage", "train")), mininterval=0.5)
+                              desc=self.ctx.stage, mininterval=0.5)
 
     def _close_progress(self) -> None:
         if self._pbar is not None:
