@@ -85,6 +85,9 @@ class RecordingStore(ArtifactStore):
     def get_bytes(self, key: str, sha256: str | None = None) -> bytes:
         return self.inner.get_bytes(key, sha256)
 
+    def get_range(self, key: str, start: int, end: int) -> bytes:
+        return self.inner.get_range(key, start, end)
+
     def open_local(self, key: str, sha256: str | None = None) -> Path:
         return self.inner.open_local(key, sha256)
 
