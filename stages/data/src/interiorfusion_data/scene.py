@@ -11,15 +11,21 @@ from typing import Any
 
 import numpy as np
 
-# Class 0 is "void": pixels that hit nothing, and never a face's class.
+# Class 0 is "void": pixels that hit nothing, and never a face's class. Ids are append-only (a class keeps its
+# id across format versions). 20–26 complete the ScanNet-18 detection set for imported scans (the generator does
+# not build them); "unknown" marks surfaces without a label (unannotated scan segments, unnamed meshes, version-1
+# samples). The mapping to NYU40 / ScanNet-18 / ADE20K-150 is in interiorfusion_data.classes.
 CLASSES: tuple[str, ...] = (
     "void", "wall", "floor", "ceiling", "door", "window",
     "bed", "nightstand", "sofa", "chair", "table", "desk", "cabinet", "wardrobe", "shelf",
     "lamp", "plant", "tv", "picture", "other",
+    "counter", "curtain", "refrigerator", "shower_curtain", "toilet", "sink", "bathtub",
+    "unknown",
 )
 CLASS_ID: dict[str, int] = {name: i for i, name in enumerate(CLASSES)}
 STRUCTURE_CLASSES = ("wall", "floor", "ceiling", "door", "window")
-FURNITURE_CLASSES = tuple(c for c in CLASSES if c not in ("void", *STRUCTURE_CLASSES))
+UNKNOWN = CLASS_ID["unknown"]
+FURNITURE_CLASSES = tuple(c for c in CLASSES if c not in ("void", "unknown", *STRUCTURE_CLASSES))
 
 
 @dataclass(frozen=True)
