@@ -139,7 +139,7 @@ def test_synth_and_preview_commands(tmp_path: Path) -> None:
     from PIL import Image
 
     with Image.open(png) as img:
-        assert img.size[0] == 5 * 160 and img.size[1] > 2 * 160
+        assert img.size[0] == 6 * 160 and img.size[1] > 2 * 160  # five panels and the voxel classes
         assert len(set(img.convert("RGB").getdata())) > 100  # a picture, not a blank
     r = runner.invoke(cli(), ["data", "preview", str(tmp_path / "nothing")])
     assert r.exit_code == 1 and "no dataset.json" in r.output and "Traceback" not in r.output

@@ -1,4 +1,4 @@
-"""Scene sample format `interiorfusion.scene/1` (documented in docs/data-format.md).
+"""Scene sample format `interiorfusion.scene/2` (documented in docs/data-format.md); version-1 samples decode too.
 
 A sample is a set of named members, stored in a shard as tar members `{key}.{name}` (the webdataset
 convention: everything after the first dot of the basename is the member name). Encoding is deterministic:
@@ -16,10 +16,12 @@ import numpy as np
 from PIL import Image
 
 from interiorfusion_data.render import RenderOutput
-from interiorfusion_data.scene import CLASSES, Camera, Scene
-from interiorfusion_data.voxelize import CHANNELS, VoxelGrid, dequantize_attrs, downsample, quantize_attrs
+from interiorfusion_data.scene import CLASSES, UNKNOWN, Camera, Scene
+from interiorfusion_data.voxelize import CHANNELS, VoxelGrid, dequantize_attrs, downsample_labeled, quantize_attrs
 
-SAMPLE_FORMAT = "interiorfusion.scene/1"
+SAMPLE_FORMAT = "interiorfusion.scene/2"
+# Older sample formats the decoder still reads (what they lack is filled in and flagged, see decode_sample).
+READABLE_FORMATS = ("interiorfusion.scene/1", SAMPLE_FORMAT)
 DATASET_FORMAT = "interiorfusion.dataset/1"
 INDEX_FORMAT = "interiorfusion.shard-index/1"
 DEPTH_SCALE = 1000.0  # depth PNGs hold millimetres
@@ -82,11 +84,20 @@ class EncodedSample:
     stats: dict[str, float] = field(default_factory=dict)
 
 
+def scene_present(scene: Scene) -> dict[str, bool]:
+    """What the sample carries beyond geometry: `voxel_labels` when some surface has a class (not "unknown"),
+    `voxel_instances` when some surface has an instance id."""
+    return {"voxel_labels": bool((scene.face_class != UNKNOWN).any()),
+            "voxel_instances": bool((scene.face_instance != 0).any())}
+
+
 def encode_sample(key: str, scene: Scene, grids: list[VoxelGrid], cameras: list[Camera],
                   renders: list[RenderOutput], origin: np.ndarray, cube_size: float,
                   png_level: int = 1) -> EncodedSample:
     if "." in key or "/" in key:
         raise ValueError(f"sample key {key!r} must not contain '.' or '/'")
+    if any(g.labels is None or g.instances is None for g in grids):
+        raise ValueError(f"sample {key}: every voxel grid needs labels and instances ({SAMPLE_FORMAT})")
     members: dict[str, bytes] = {}
     res = [g.resolution for g in grids]
     meta = {
@@ -99,6 +110,7 @@ def encode_sample(key: str, scene: Scene, grids: list[VoxelGrid], cameras: list[
         "depth": {"kind": "z", "unit": "mm", "scale": DEPTH_SCALE, "invalid": 0},
         "normal_frame": "camera_opencv",
         "num_classes": len(CLASSES),
+        "present": scene_present(scene),
         "scene": {k: v for k, v in scene.meta.items() if isinstance(v, str | int | float | bool)},
     }
     members["meta.json"] = json_bytes(meta)
@@ -107,6 +119,8 @@ def encode_sample(key: str, scene: Scene, grids: list[VoxelGrid], cameras: list[
     for g in grids:
         members[f"occ{g.resolution}.coords.npy"] = npy_bytes(g.coords.astype(np.uint16))
         members[f"occ{g.resolution}.attrs.npy"] = npy_bytes(quantize_attrs(g.attrs))
+        members[f"occ{g.resolution}.labels.npy"] = npy_bytes(g.labels.astype(np.int16))
+        members[f"occ{g.resolution}.instances.npy"] = npy_bytes(g.instances.astype(np.int32))
     if cameras:
         members["cam.intrinsics.npy"] = npy_bytes(np.stack([c.K for c in cameras]).astype(np.float32))
         members["cam.poses.npy"] = npy_bytes(np.stack([c.pose for c in cameras]).astype(np.float32))
@@ -158,6 +172,14 @@ def _member(members: dict[str, bytes], name: str) -> bytes:
 def voxels_at(members: dict[str, bytes], meta: dict[str, Any], resolution: int) -> tuple[np.ndarray, np.ndarray]:
     """Coords (M, 3) int32 and float attrs (M, 8) at `resolution`: a stored level, or exactly downsampled from
     the nearest finer stored level (parent occupied iff any child is; attributes = mean of the children)."""
+    coords, attrs, _, _ = labeled_voxels_at(members, meta, resolution)
+    return coords, attrs
+
+
+def labeled_voxels_at(members: dict[str, bytes], meta: dict[str, Any], resolution: int
+                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """`voxels_at` plus labels (M,) int16 and instances (M,) int32 (majority of the children when downsampled).
+    A version-1 sample has none stored: labels are "unknown" and instances 0 (meta `present` says so)."""
     stored = sorted(int(r) for r in meta["resolutions"])
     if resolution in stored:
         src = resolution
@@ -171,9 +193,27 @@ def voxels_at(members: dict[str, bytes], meta: dict[str, Any], resolution: int) 
     attrs = dequantize_attrs(load_npy(_member(members, f"occ{src}.attrs.npy")))
     if coords.ndim != 2 or coords.shape[1] != 3 or attrs.shape != (len(coords), len(CHANNELS)):
         raise SampleError(f"occupancy arrays at {src} have inconsistent shapes {coords.shape} / {attrs.shape}")
+    if meta.get("format") == SAMPLE_FORMAT:
+        labels = load_npy(_member(members, f"occ{src}.labels.npy"))
+        instances = load_npy(_member(members, f"occ{src}.instances.npy"))
+        if labels.shape != (len(coords),) or instances.shape != (len(coords),):
+            raise SampleError(f"label arrays at {src} have shapes {labels.shape} / {instances.shape}, "
+                              f"expected ({len(coords)},)")
+    else:
+        labels = np.full(len(coords), UNKNOWN, np.int16)
+        instances = np.zeros(len(coords), np.int32)
     if src != resolution:
-        coords, attrs = downsample(coords.astype(np.int32), attrs, src // resolution)
-    return coords.astype(np.int32), attrs
+        coords, attrs, labels, instances = downsample_labeled(coords.astype(np.int32), attrs, src // resolution,
+                                                              labels, instances)
+    return coords.astype(np.int32), attrs, labels.astype(np.int16), instances.astype(np.int32)
+
+
+def sample_present(meta: dict[str, Any]) -> dict[str, bool]:
+    """The sample's `present` flags; a version-1 sample has no voxel labels."""
+    present = meta.get("present")
+    if isinstance(present, dict):
+        return {k: bool(v) for k, v in present.items()}
+    return {"voxel_labels": False, "voxel_instances": False}
 
 
 def pick_views(total: int, views: list[int] | int | None, view_seed: tuple[int, ...] | None = None) -> list[int]:
@@ -198,20 +238,23 @@ def decode_sample(members: dict[str, bytes], resolution: int | None = None, fiel
         view_seed: tuple[int, ...] | None = None) -> dict[str, Any]:
     """Decode the members of one sample into numpy arrays and dicts.
 
-    Returns `key`, `meta`, and per field: voxels → `coords` (M, 3) int32, `feats` (M, 8) float32, `resolution`,
-    `origin` (3,), `voxel_size`; views → `rgb` (V, H, W, 3) uint8, `depth` (V, H, W) float32 metres (z-depth,
-    0 = none), `normal` (V, H, W, 3) float32 camera frame, `semantic` (V, H, W) int64, `instance` (V, H, W)
-    int64, `intrinsics` (V, 3, 3), `cam_to_world` (V, 4, 4); layout → `layout` (dict), `layout_text`, `boxes`
-    (K, 8) float32 [cx, cy, cz, sx, sy, sz, yaw, class_id].
+    Returns `key`, `meta`, `present` (what the sample carries: `voxel_labels`, `voxel_instances`), and per field:
+    voxels → `coords` (M, 3) int32, `feats` (M, 8) float32, `labels` (M,) int16 class ids, `instances` (M,) int32,
+    `resolution`, `origin` (3,), `voxel_size`; views → `rgb` (V, H, W, 3) uint8, `depth` (V, H, W) float32
+    metres (z-depth, 0 = none), `normal` (V, H, W, 3) float32 camera frame, `semantic` (V, H, W) int64,
+    `instance` (V, H, W) int64, `intrinsics` (V, 3, 3), `cam_to_world` (V, 4, 4); layout → `layout` (dict),
+    `layout_text`, `boxes` (K, 8) float32 [cx, cy, cz, sx, sy, sz, yaw, class_id].
     """
     meta = load_json(_member(members, "meta.json"))
-    if not isinstance(meta, dict) or meta.get("format") != SAMPLE_FORMAT:
-        raise SampleError(f"meta.json: not a {SAMPLE_FORMAT} sample")
-    out: dict[str, Any] = {"key": meta["key"], "meta": meta}
+    if not isinstance(meta, dict) or meta.get("format") not in READABLE_FORMATS:
+        found = meta.get("format") if isinstance(meta, dict) else None
+        raise SampleError(f"meta.json: format {found!r} is not one this reader knows ({', '.join(READABLE_FORMATS)})")
+    out: dict[str, Any] = {"key": meta["key"], "meta": meta, "present": sample_present(meta)}
     if "voxels" in fields:
         res = int(resolution if resolution is not None else max(meta["resolutions"]))
-        coords, feats = voxels_at(members, meta, res)
-        out.update(coords=coords, feats=feats, resolution=res, origin=np.asarray(meta["origin"], np.float32),
+        coords, feats, labels, instances = labeled_voxels_at(members, meta, res)
+        out.update(coords=coords, feats=feats, labels=labels, instances=instances, resolution=res,
+                   origin=np.asarray(meta["origin"], np.float32),
                    voxel_size=np.float32(meta["cube_size"] / res))
     if "views" in fields and meta.get("views"):
         idx = pick_views(int(meta["views"]), views, view_seed)

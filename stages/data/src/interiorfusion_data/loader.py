@@ -16,6 +16,8 @@ last batch it yielded, so `state_dict()` after any batch resumes at the next sam
 
 Corrupt samples (bad checksum, truncated shard, undecodable member) are skipped, logged by name and counted;
 when more than `max_corrupt_fraction` of the epoch's samples are corrupt, iteration stops with a UserError.
+Samples without voxel labels (version-1 shards, unlabelled imports) are read with labels "unknown" and counted
+(`data/samples_without_labels`).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from interiorfusion_core.manifest import MANIFEST_KEY, read_manifest
 from interiorfusion_core.state import distributed_rank
 from interiorfusion_core.storage import ArtifactStore, open_store
 from interiorfusion_data.format import DATASET_FORMAT, SampleError, decode_sample
+from interiorfusion_data.scene import CLASSES
 from interiorfusion_data.shards import sample_members
 
 log = logging.getLogger("interiorfusion_data")
@@ -74,7 +77,10 @@ class SceneDataset:
 
     @property
     def classes(self) -> list[str]:
-        return list(self.info["classes"])
+        """Class names by id. Ids are append-only, so an older dataset's list is a prefix of today's table, which
+        is returned then (a version-1 dataset's voxels read as "unknown", an id its own list does not have)."""
+        stored = list(self.info["classes"])
+        return list(CLASSES) if stored == list(CLASSES[: len(stored)]) else stored
 
     def members(self, i: int) -> dict[str, bytes]:
         """The raw members of sample i, verified against the index (SampleError when corrupt)."""
@@ -141,7 +147,8 @@ def open_dataset(uri: str | ArtifactStore, split: str = "train", require_manifes
 # ---------------------------------------------------------------------------------------------- collate
 def collate_scenes(samples: list[dict[str, Any]]) -> dict[str, Any]:
     """Batch decoded samples. Sparse voxels are concatenated with the batch index as the first coordinate:
-    `coords` (ΣM, 4) int32 [b, x, y, z], `feats` (ΣM, 8) float32, `num_voxels` (B,). Views are stacked:
+    `coords` (ΣM, 4) int32 [b, x, y, z], `feats` (ΣM, 8) float32, `labels` / `instances` (ΣM,) int64,
+    `has_labels` (B,) bool (False: the sample's labels are all "unknown"), `num_voxels` (B,). Views are stacked:
     `rgb` (B, V, 3, H, W) float32 in [0, 1], `depth` (B, V, H, W) metres, `normal` (B, V, 3, H, W),
     `semantic`/`instance` (B, V, H, W) int64, `intrinsics` (B, V, 3, 3), `cam_to_world` (B, V, 4, 4).
     Boxes: `boxes` (ΣK, 9) [b, cx, cy, cz, sx, sy, sz, yaw, class_id]; `layout_text` / `layout` lists."""
@@ -157,6 +164,10 @@ def collate_scenes(samples: list[dict[str, Any]]) -> dict[str, Any]:
             feats.append(torch.from_numpy(s["feats"]))
         out["coords"] = torch.cat(coords)
         out["feats"] = torch.cat(feats)
+        if "labels" in first:
+            out["labels"] = torch.cat([torch.from_numpy(s["labels"].astype(np.int64)) for s in samples])
+            out["instances"] = torch.cat([torch.from_numpy(s["instances"].astype(np.int64)) for s in samples])
+            out["has_labels"] = torch.tensor([bool(s.get("present", {}).get("voxel_labels")) for s in samples])
         out["num_voxels"] = torch.tensor([len(s["coords"]) for s in samples], dtype=torch.int64)
         out["resolution"] = int(first["resolution"])
         out["origin"] = torch.from_numpy(np.stack([s["origin"] for s in samples]))
@@ -213,8 +224,9 @@ class _BatchStream(IterableDataset):
                     log.warning("skipping corrupt sample %s", exc)
                     corrupt.append(str(exc))
             batch = collate_scenes(samples)
+            unlabelled = sum(1 for s in samples if not s.get("present", {}).get("voxel_labels"))
             batch["_cursor"] = {"end": self.start + min((b + 1) * self.batch_size, n), "corrupt": corrupt,
-                                "count": len(samples)}
+                                "count": len(samples), "unlabelled": unlabelled}
             yield batch
 
 
@@ -267,6 +279,7 @@ class SceneLoader:
         self.corrupt_count = 0  # this epoch
         self.corrupt_total = 0
         self.samples_total = 0
+        self.unlabelled_total = 0  # samples without voxel labels (version-1 shards, unlabelled imports)
         self.corrupt_names: list[str] = []
 
     # -- order
@@ -320,7 +333,8 @@ class SceneLoader:
         """Counters for the tracker (cumulative over this loader's life)."""
         seen = self.samples_total + self.corrupt_total
         return {"data/corrupt_samples": float(self.corrupt_total), "data/samples_read": float(self.samples_total),
-                "data/corrupt_fraction": self.corrupt_total / seen if seen else 0.0}
+                "data/corrupt_fraction": self.corrupt_total / seen if seen else 0.0,
+                "data/samples_without_labels": float(self.unlabelled_total)}
 
     # -- iteration
     def _stream(self, positions: list[int], start: int) -> _BatchStream:
@@ -345,6 +359,7 @@ class SceneLoader:
             cursor = batch.pop("_cursor")
             self.consumed = int(cursor["end"])
             self.samples_total += int(cursor["count"])
+            self.unlabelled_total += int(cursor["unlabelled"])
             for name in cursor["corrupt"]:
                 self.corrupt_count += 1
                 self.corrupt_total += 1

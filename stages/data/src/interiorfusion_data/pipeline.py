@@ -28,7 +28,7 @@ from interiorfusion_data.procedural import ProceduralOptions, generate_scene
 from interiorfusion_data.render import orbit_cameras, place_cameras, render, scale_camera
 from interiorfusion_data.scene import CLASSES, Scene
 from interiorfusion_data.shards import ShardWriter, index_name, shard_name
-from interiorfusion_data.voxelize import CHANNELS, VoxelGrid, downsample, fit_cube, scene_face_attrs, voxelize
+from interiorfusion_data.voxelize import CHANNELS, VoxelGrid, downsample_labeled, fit_cube, scene_face_attrs, voxelize
 
 log = logging.getLogger("interiorfusion_data")
 SPLITS = ("train", "val", "test")
@@ -69,14 +69,15 @@ def build_sample(scene: Scene, cfg: DataStageConfig, index: int) -> EncodedSampl
     attrs = scene_face_attrs(scene.face_material, scene.face_normals())
     res = cfg.voxel.resolutions
     finest = max(res)
-    fine = voxelize(scene.triangles, attrs, finest, origin, side / finest)
+    fine = voxelize(scene.triangles, attrs, finest, origin, side / finest, face_class=scene.face_class,
+                    face_instance=scene.face_instance)
     grids = []
     for r in res:
         if r == finest:
             grids.append(fine)
         else:
-            c, a = downsample(fine.coords, fine.attrs, finest // r)
-            grids.append(VoxelGrid(c, a, r, origin, side / r))
+            c, a, lab, inst = downsample_labeled(fine.coords, fine.attrs, finest // r, fine.labels, fine.instances)
+            grids.append(VoxelGrid(c, a, r, origin, side / r, lab, inst))
     t1 = time.perf_counter()
     cams = scene_cameras(scene, cfg, camera_rng(cfg.seed, index))
     normals = scene.face_normals()
