@@ -34,11 +34,18 @@ DEFAULT_ALBEDO = (0.7, 0.7, 0.7)
 # Label words → our classes, checked in order (first match wins): covers ScanNet raw categories, NYU40 names
 # and 3D-FRONT furniture categories.
 SYNONYMS: list[tuple[str, tuple[str, ...]]] = [
+    ("other", ("toilet paper", "paper towel", "soap dispenser", "curtain rod")),
+    ("shower_curtain", ("shower curtain",)),
+    ("toilet", ("toilet",)),
+    ("bathtub", ("bathtub", "bath tub")),
+    ("refrigerator", ("refrigerator", "refridgerator", "fridge")),
     ("nightstand", ("nightstand", "night stand", "bedside")),
     ("wardrobe", ("wardrobe", "closet", "armoire")),
     ("shelf", ("bookshelf", "bookcase", "shelf", "shelves", "shelving")),
     ("desk", ("desk",)),
     ("cabinet", ("cabinet", "dresser", "drawer", "sideboard", "tv stand", "console", "cupboard", "chest")),
+    ("counter", ("counter", "kitchen island")),
+    ("sink", ("sink",)),
     ("bed", ("bed",)),
     ("sofa", ("sofa", "couch", "loveseat", "settee")),
     ("chair", ("chair", "stool", "seat", "bench")),
@@ -48,21 +55,24 @@ SYNONYMS: list[tuple[str, tuple[str, ...]]] = [
     ("tv", ("tv", "television", "monitor", "screen")),
     ("picture", ("picture", "painting", "poster", "frame", "art")),
     ("door", ("door",)),
-    ("window", ("window", "curtain", "blind")),
+    ("curtain", ("curtain", "drape")),
+    ("window", ("window", "blind")),
     ("floor", ("floor", "rug", "carpet")),
     ("ceiling", ("ceiling",)),
     ("wall", ("wall", "column", "pillar")),
 ]
 
 
-def map_label(text: str) -> str:
+def map_label(text: str, default: str = "other") -> str:
+    """The project class for a label text (first keyword match); `default` when nothing matches ("other" for a
+    real label outside the table, "unknown" where the text is only a file name)."""
     t = text.lower().replace("_", " ").replace("-", " ")
-    if t in CLASS_ID and t != "void":
-        return t
+    if t.replace(" ", "_") in CLASS_ID and t not in ("void", "unknown"):
+        return t.replace(" ", "_")
     for cls, words in SYNONYMS:
         if any(re.search(rf"\b{re.escape(w)}", t) for w in words):
             return cls
-    return "other"
+    return default
 
 
 def y_up_to_z_up(v: np.ndarray) -> np.ndarray:
@@ -145,7 +155,8 @@ def _safe_key(text: str) -> str:
 # ---------------------------------------------------------------------------------------------- meshes folder
 class MeshFolderImporter:
     """`root/*.{ply,obj,glb,…}`: one scene per file; `root/NAME/*.{…}`: one scene per folder, one instance per
-    file. The class comes from the file name (`chair_02.obj` → chair) or is 'other'."""
+    file. The class comes from the file name (`chair_02.obj` → chair); a name that names no class gives class
+    "unknown" and instance 0 (no label), and a scene with no named file says its labels are absent."""
 
     def __init__(self, root: Path, up_axis: str = "z", scale: float = 1.0):
         self.root, self.up_axis, self.scale = Path(root), up_axis, scale
@@ -166,8 +177,8 @@ class MeshFolderImporter:
         sb = SceneBuilder(_safe_key(item.stem if item.is_file() else item.name))
         objects = []
         for f in files:
-            label = map_label(f.stem.split("_")[0]) if item.is_dir() else map_label(f.stem)
-            inst = sb.new_instance()
+            label = map_label(f.stem.split("_")[0] if item.is_dir() else f.stem, default="unknown")
+            inst = 0 if label == "unknown" else sb.new_instance()
             verts_all = []
             for mesh in load_meshes(f):
                 v = np.asarray(mesh.vertices, np.float64) * self.scale
@@ -177,7 +188,7 @@ class MeshFolderImporter:
                 mat = np.concatenate([_face_colors(mesh), np.tile([[metallic, rough]], (len(mesh.faces), 1))], axis=1)
                 sb.add(v, np.asarray(mesh.faces), label, inst, mat)
                 verts_all.append(v)
-            if verts_all and label not in ("wall", "floor", "ceiling"):
+            if verts_all and label not in ("wall", "floor", "ceiling", "unknown"):
                 objects.append(_aabb_box(inst, label, np.concatenate(verts_all)))
         return sb.build(objects=objects, meta={"source": "meshes", "file": item.name})
 
@@ -212,46 +223,71 @@ class ScanNetImporter:
         align = np.asarray(meta.get("axisAlignment", np.eye(4).ravel()), np.float64).reshape(4, 4)
         v = v @ align[:3, :3].T + align[:3, 3]
         colors = _face_colors(mesh)
-        seg_file = next(iter(sorted(item.glob("*_vh_clean_2*.segs.json"))), None)
-        agg_file = next(iter(sorted(item.glob("*.aggregation.json"))), None)
-        vert_obj = np.full(len(v), -1, np.int64)
-        labels: dict[int, str] = {}
-        if seg_file is not None and agg_file is not None:
-            segs = np.asarray(_read_json(seg_file)["segIndices"], np.int64)
-            if len(segs) != len(v):
-                raise UserError(f"{seg_file}: has {len(segs)} segment indices for {len(v)} vertices")
-            seg_to_obj: dict[int, int] = {}
-            for group in _read_json(agg_file).get("segGroups", []):
-                oid = int(group.get("objectId", group.get("id", 0)))
-                labels[oid] = map_label(str(group.get("label", "other")))
-                for s in group.get("segments", []):
-                    seg_to_obj[int(s)] = oid
-            lut_keys = np.array(list(seg_to_obj), np.int64)
-            lut_vals = np.array(list(seg_to_obj.values()), np.int64)
-            order = np.argsort(lut_keys)
-            lut_keys, lut_vals = lut_keys[order], lut_vals[order]
-            pos = np.clip(np.searchsorted(lut_keys, segs), 0, max(len(lut_keys) - 1, 0))
-            if len(lut_keys):
-                hit = lut_keys[pos] == segs
-                vert_obj[hit] = lut_vals[pos[hit]]
-        face_obj = vert_obj[faces[:, 0]]
+        vert_obj, labels = _scannet_vertex_objects(item, name, len(v))
+        # A face belongs to the object most of its vertices belong to (vertex 0's when all three differ).
+        fo = vert_obj[faces]
+        face_obj = np.where((fo[:, 1] == fo[:, 2]) & (fo[:, 0] != fo[:, 1]), fo[:, 1], fo[:, 0])
         sb = SceneBuilder(_safe_key(name))
-        inst_of = {oid: sb.new_instance() for oid in sorted(labels)}
         objects = []
-        # One part per object (and one for unlabelled faces) keeps faces grouped by instance.
+        # One part per object (and one for unannotated faces) keeps faces grouped by instance. Instance ids are
+        # ScanNet's objectId + 1 (its benchmark's convention); unannotated surfaces are "unknown", instance 0.
         for oid in [-1, *sorted(labels)]:
             sel = np.flatnonzero(face_obj == oid)
             if not len(sel):
                 continue
-            label = labels.get(oid, "other")
-            inst = inst_of.get(oid, 0)
+            label = labels.get(oid, "unknown")
+            inst = oid + 1
             mat = np.concatenate([colors[sel], np.tile([[0.0, 0.8]], (len(sel), 1))], axis=1)
             used, remap = np.unique(faces[sel], return_inverse=True)
             sb.add(v[used], remap.reshape(-1, 3), label, inst, mat)
-            if inst and label not in ("wall", "floor", "ceiling", "other"):
+            if inst and label not in ("wall", "floor", "ceiling", "other", "unknown"):
                 objects.append(_aabb_box(inst, label, v[used]))
         cameras = _scannet_cameras(item, meta, align, self.views, self.image_size)
         return sb.build(objects=objects, cameras=cameras or None, meta={"source": "scannet", "scan": name})
+
+
+def _scannet_vertex_objects(item: Path, name: str, num_vertices: int) -> tuple[np.ndarray, dict[int, str]]:
+    """Per vertex of `*_vh_clean_2.ply` its objectId (-1: unannotated) and per objectId its class.
+
+    ScanNet's layout: `SCENE_vh_clean_2.0.010000.segs.json` holds `segIndices`, one over-segmentation segment id
+    per vertex of the `_vh_clean_2` mesh; `SCENE.aggregation.json` holds `segGroups`, each an object
+    (`objectId`, `label`: a raw category, `segments`: the segment ids it is made of) and names the segments file
+    it was made on in `segmentsFile`. (`SCENE_vh_clean.aggregation.json` belongs to the full-resolution mesh's
+    segments, not to `_vh_clean_2`, so it is used only when the segments file it names is this one.)"""
+    vert_obj = np.full(num_vertices, -1, np.int64)
+    seg_file = item / f"{name}_vh_clean_2.0.010000.segs.json"
+    if not seg_file.is_file():
+        seg_file = next(iter(sorted(item.glob("*_vh_clean_2*.segs.json"))), None)
+    if seg_file is None:
+        return vert_obj, {}
+    agg_file = None
+    for cand in [item / f"{name}.aggregation.json", *sorted(item.glob("*.aggregation.json"))]:
+        if cand.is_file():
+            named = str(_read_json(cand).get("segmentsFile", seg_file.name))
+            if named.split("scannet.")[-1] == seg_file.name or named.endswith(seg_file.name):
+                agg_file = cand
+                break
+    if agg_file is None:
+        return vert_obj, {}
+    segs = np.asarray(_read_json(seg_file)["segIndices"], np.int64)
+    if len(segs) != num_vertices:
+        raise UserError(f"{seg_file}: has {len(segs)} segment indices for {num_vertices} vertices")
+    labels: dict[int, str] = {}
+    seg_to_obj: dict[int, int] = {}
+    for group in _read_json(agg_file).get("segGroups", []):
+        oid = int(group.get("objectId", group.get("id", 0)))
+        labels[oid] = map_label(str(group.get("label", "other")))
+        for sid in group.get("segments", []):
+            seg_to_obj[int(sid)] = oid
+    if seg_to_obj:
+        lut_keys = np.array(list(seg_to_obj), np.int64)
+        lut_vals = np.array(list(seg_to_obj.values()), np.int64)
+        order = np.argsort(lut_keys)
+        lut_keys, lut_vals = lut_keys[order], lut_vals[order]
+        pos = np.clip(np.searchsorted(lut_keys, segs), 0, len(lut_keys) - 1)
+        hit = lut_keys[pos] == segs
+        vert_obj[hit] = lut_vals[pos[hit]]
+    return vert_obj, labels
 
 
 def _read_json(path: Path) -> Any:
@@ -331,11 +367,22 @@ def _quat_matrix(q: list[float]) -> np.ndarray:
 class Front3DImporter:
     """3D-FRONT houses (`*.json`): layout meshes inline (`mesh[]` with `type`, `xyz`, `faces`), furniture by
     reference (`furniture[]` with `jid` → `{model_dir}/{jid}/raw_model.obj`), placed by `scene.room[].children[]`
-    (`ref`, `pos`, `rot` quaternion xyzw, `scale`). One scene per room. The files are y-up; scenes are z-up."""
+    (`ref`, `pos`, `rot` quaternion xyzw, `scale`). One scene per room. The files are y-up; scenes are z-up.
+    A furniture's class comes from its `category` in the house JSON, else from 3D-FUTURE's
+    `{model_dir}/model_info.json` (`model_id` → `category`), else from its `title`."""
 
     def __init__(self, root: Path, model_dir: Path | None = None):
         self.root = Path(root)
         self.model_dir = Path(model_dir) if model_dir else self.root / "3D-FUTURE-model"
+        self._model_info: dict[str, str] | None = None
+
+    def model_category(self, jid: str) -> str | None:
+        if self._model_info is None:
+            info = self.model_dir / "model_info.json"
+            rows = _read_json(info) if info.is_file() else []
+            self._model_info = {str(r.get("model_id")): str(r["category"]) for r in rows
+                                if isinstance(r, dict) and r.get("category")}
+        return self._model_info.get(jid)
 
     def items(self) -> list[tuple[Path, int]]:
         if not self.root.is_dir():
@@ -382,7 +429,7 @@ class Front3DImporter:
             elif ref in furniture:
                 fur = furniture[ref]
                 jid = str(fur.get("jid", ""))
-                label = map_label(str(fur.get("category") or fur.get("title") or "other"))
+                label = map_label(str(fur.get("category") or self.model_category(jid) or fur.get("title") or "other"))
                 model = self.model_dir / jid / "raw_model.obj"
                 if jid not in model_cache:
                     if not model.is_file():
