@@ -178,7 +178,7 @@ def vae_step(batch: dict[str, Any], backend: str, state: dict[str, torch.Tensor]
     from interiorfusion_vae.task import VAETask, build_vae
 
     config = VAEPretrainConfig(model={"latent_dim": 4, "channels": [8, 8, 16, 16, 16], "blocks_per_level": 1,
-                                      "sparse_backend": backend, "base_resolution": 32},
+                                      "sparse_backend": backend, "target_resolution": 32},
                                loss={"render_views": render_views})
     torch.manual_seed(0)
     model = build_vae(config)

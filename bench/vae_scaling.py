@@ -147,8 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     t_data = time.perf_counter() - t_start
     config = VAEPretrainConfig(
         model={"latent_dim": args.latent_dim, "channels": args.channels, "blocks_per_level": args.blocks,
-               "sparse_backend": backend, "base_resolution": max(resolutions),
-               "target_resolution": max(max(resolutions), 1024)},
+               "sparse_backend": backend, "target_resolution": max(resolutions)},
         loss={"render_views": args.render_views},
     )
     task = VAETask(config, data_uri="")
