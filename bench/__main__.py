@@ -77,7 +77,8 @@ def main(argv: list[str] | None = None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("names", nargs="*", help="benchmarks to run (default: every bench/*.py not starting with _)")
     ap.add_argument("--quick", action="store_true", help="small sizes: a check of the scripts, not a measurement")
-    ap.add_argument("--out", type=Path, default=Path(".interiorfusion/bench"), help="results folder")
+    ap.add_argument("--out", type=Path, default=ROOT / ".interiorfusion" / "bench",
+                    help="results folder (default: .interiorfusion/bench in the checkout)")
     ap.add_argument("--scripts", type=Path, default=HERE, help=argparse.SUPPRESS)  # tests: a folder of fakes
     ap.add_argument("--readme", nargs="?", type=Path, const=ROOT / "README.md", default=None, metavar="README",
                     help="run nothing: replace README's marked benchmark block with OUT/results.md")
