@@ -9,7 +9,7 @@ PACKAGES := stages/core $(filter-out stages/core,$(patsubst %/pyproject.toml,%,$
 STAMP := $(VENV)/.interiorfusion-installed
 PYTEST_ARGS ?=
 
-.PHONY: setup run test test-fast lint bench images clean
+.PHONY: setup run test test-fast lint bench bench-readme images clean
 
 setup: $(STAMP)
 
@@ -36,6 +36,10 @@ lint: setup
 
 bench: setup
 	$(BIN)/python -m bench
+
+# README.md's benchmark table := the last full `make bench` run's .interiorfusion/bench/results.md
+bench-readme: setup
+	$(BIN)/python -m bench --readme
 
 # Stage images, built offline from a host-side wheelhouse (containers/README.md). Needs root for dockerd.
 IMAGES_ARGS ?=

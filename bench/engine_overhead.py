@@ -1,6 +1,6 @@
 """Engine overhead: step time of the Trainer vs a bare forward/backward/AdamW loop, same model and batch, same run.
 
-    PYTHONPATH=stages/core/src:flows/src python bench/engine_overhead.py [--steps 60] [--rounds 3] [--width 1024]
+    python bench/engine_overhead.py [--steps 120] [--rounds 3] [--width 1024] [--json out.json]
 
 Both loops train the same MLP (`engine_toy`) on the same batch (the engine's loader hands out one prebuilt batch, so
 data loading is not measured) with the same loss, interleaved step by step (a bare step runs after every engine
@@ -26,12 +26,13 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-for sub in ("stages/core/src", "flows/src"):
+for sub in ("stages/core/src", "flows/src", ""):
     if str(ROOT / sub) not in sys.path:
         sys.path.insert(0, str(ROOT / sub))
 
 import torch  # noqa: E402
 
+from bench._report import row, write_json  # noqa: E402
 from interiorfusion_core.engine import Callback, Trainer, local_context  # noqa: E402
 from interiorfusion_core.engine.toy import ToyEngineConfig, ToyTask  # noqa: E402
 from interiorfusion_core.tracking import NullTracker  # noqa: E402
@@ -166,7 +167,7 @@ def run_round(cfg: ToyEngineConfig, batch: Any) -> tuple[list[float], list[float
     return probe.bare_times, probe.clipped_times, probe.engine
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=120)
     ap.add_argument("--warmup", type=int, default=10)
@@ -175,7 +176,8 @@ def main() -> None:
     ap.add_argument("--depth", type=int, default=3)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "1")))
-    args = ap.parse_args()
+    ap.add_argument("--json", type=Path, help="also write the results here")
+    args = ap.parse_args(argv)
     os.environ.setdefault("INTERIORFUSION_PROGRESS", "off")
     torch.set_num_threads(args.threads)
     cfg = make_config(args, args.warmup + args.steps)
@@ -206,7 +208,25 @@ def main() -> None:
     print(f"p20 step:    bare {mb * 1e3:.2f} ms, bare+clip {mc * 1e3:.2f} ms, engine {me * 1e3:.2f} ms")
     print(f"engine / bare = {ratio:.3f} ({(ratio - 1) * 100:+.1f}% overhead; target ≤ +5%); "
           f"engine / bare+clip = {me / mc:.3f}")
+    if args.json:
+        model = f"{params / 1e6:.1f}M-param MLP"
+        rows = [
+            row(f"engine step, {model}, p20 of {what} per step", me * 1e3, "ms", "bare fwd/bwd/AdamW loop",
+                mb * 1e3, target="≤ 1.05×"),
+            row(f"engine step, median of {what} per step", md(engine) * 1e3, "ms", "bare loop", md(bare) * 1e3),
+            row(f"engine step, p20 of {what} per step", me * 1e3, "ms", "bare loop that also clips gradients",
+                mc * 1e3),
+        ]
+        write_json(args.json, "engine_overhead", rows, headline={"engine_over_bare_p20": round(ratio, 4),
+                                                                  "engine_over_bare_clip_p20": round(me / mc, 4)},
+                   details={"config": {k: v for k, v in vars(args).items() if k != "json"}, "params": params,
+                            "device": device, "clock": what,
+                            "ms_per_step": {"p20": {"bare": mb * 1e3, "bare_clip": mc * 1e3, "engine": me * 1e3},
+                                            "median": {"bare": md(bare) * 1e3, "bare_clip": md(clipped) * 1e3,
+                                                       "engine": md(engine) * 1e3}},
+                            "steps_s": {"bare": bare, "bare_clip": clipped, "engine": engine}})
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

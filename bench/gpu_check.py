@@ -31,7 +31,6 @@ spconv cases are skipped, with the reason, when spconv does not import. Exit sta
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import sys
 import time
@@ -40,13 +39,13 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-for _pkg in ("core", "data", "vae"):  # runnable from a checkout without installing the packages
-    _src = str(ROOT / "stages" / _pkg / "src")
-    if _src not in sys.path:
+for _src in (*(str(ROOT / "stages" / p / "src") for p in ("core", "data", "vae")), str(ROOT)):
+    if _src not in sys.path:  # runnable from a checkout without installing the packages
         sys.path.insert(0, _src)
 
 import torch  # noqa: E402
 
+from bench._report import row, write_json  # noqa: E402
 from interiorfusion_core.sparse import (  # noqa: E402
     SparseConv3d,
     SparseConvTranspose3d,
@@ -178,7 +177,7 @@ def vae_step(batch: dict[str, Any], backend: str, state: dict[str, torch.Tensor]
     from interiorfusion_vae.task import VAETask, build_vae
 
     config = VAEPretrainConfig(model={"latent_dim": 4, "channels": [8, 8, 16, 16, 16], "blocks_per_level": 1,
-                                      "sparse_backend": backend, "base_resolution": 32},
+                                      "sparse_backend": backend, "target_resolution": 32},
                                loss={"render_views": render_views})
     torch.manual_seed(0)
     model = build_vae(config)
@@ -317,12 +316,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nparity on {device}: {verdict} in {total:.1f}s"
           + ("" if spconv_why is None else "; spconv checks skipped"))
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        payload = {"headline": {"pass": not failed, "checks": len(results), "failed": len(failed),
-                                "spconv_checked": spconv_why is None, "device": device.type},
-                   "environment": env, "results": results, "total_s": total}
-        args.json.write_text(json.dumps(payload, indent=2, default=str))
-        print(f"wrote {args.json}")
+        headline = {"pass": not failed, "checks": len(results), "failed": len(failed),
+                    "spconv_checked": spconv_why is None, "device": device.type}
+        what = "sparse conv + VAE" if not args.no_vae else "sparse conv"
+        rows = [row(f"{what} parity checks passed on {device.type}" + ("" if spconv_why is None else " (no spconv)"),
+                    len(results) - len(failed), "", "checks run", len(results), target="all")]
+        write_json(args.json, "gpu_check", rows, {"environment": env, "results": results, "total_s": total},
+                   headline=headline)
     return 1 if failed else 0
 
 

@@ -18,7 +18,6 @@ the data stage's real scenes can be plugged in the same way.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import sys
@@ -28,17 +27,21 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "stages" / "core" / "src"))
+ROOT = Path(__file__).resolve().parents[1]
+for _path in (ROOT / "stages" / "core" / "src", ROOT):
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
 
-from interiorfusion_core.sparse import (
+from bench._report import row, write_json  # noqa: E402
+from interiorfusion_core.sparse import (  # noqa: E402
     SparseTensor,
     SubMConv3d,
     backend_status,
     coords_to_spconv,
     to_spconv,
 )
-from interiorfusion_core.sparse import backend_spconv as bspconv
-from interiorfusion_core.sparse.maps import build_submanifold_map
+from interiorfusion_core.sparse import backend_spconv as bspconv  # noqa: E402
+from interiorfusion_core.sparse.maps import build_submanifold_map  # noqa: E402
 
 
 # ---- scenes: (resolution, target voxel count, seed) -> int64 [N, 3] surface voxel coordinates -----------
@@ -188,6 +191,40 @@ def spconv_native_case(
     return result, out
 
 
+def headline_rows(cases: list[dict], cuda: bool, voxels: int, resolution: int) -> list[dict]:
+    """The table's rows: torch backend vs spconv's own module (best spconv case on CUDA), same run, best wall
+    time of forward+backward with the map cached (the cost of every layer after the first) and with a fresh map;
+    on CPU also the process CPU time at one thread (steadier on a shared machine)."""
+    conv = f"32→32 k3 submanifold conv, {voxels / 1000:.0f}k voxels in {resolution}³: fwd+bwd"
+    key, fresh = "fwd_bwd_cached_map", "fwd_bwd_with_map"
+    spconvs = [c for c in cases if c["backend"].startswith("spconv")]
+    if cuda:
+        ref = min(spconvs, key=lambda c: c[key]["best_s"]) if spconvs else None
+    else:
+        ref = next((c for c in spconvs if c["backend"] == "spconv-native"), spconvs[0] if spconvs else None)
+
+    def base(case: dict | None, k: str, stat: str = "best_s") -> tuple[str | None, float | None]:
+        if case is None:
+            return None, None
+        return case["backend"] + ("" if cuda else f", {case['threads']} thread"), case[k][stat]
+
+    rows = []
+    for c in (c for c in cases if c["backend"] == "torch"):
+        where = "CUDA" if cuda else f"{c['threads']} thread{'s' if c['threads'] > 1 else ''}"
+        target = "≤ 0.5 s (quiet machine)" if not cuda and c["threads"] == 1 else None
+        rows.append(row(f"{'fwd+bwd' if rows else conv}, cached map, torch backend, {where}", c[key]["best_s"],
+                        "s", *base(ref, key), target=target))
+    one = next((c for c in cases if c["backend"] == "torch" and (cuda or c["threads"] == 1)), None)
+    if one is not None:
+        rows.append(row(f"fwd+bwd incl. map build, torch backend, {'CUDA' if cuda else '1 thread'}",
+                        one[fresh]["best_s"], "s", *base(ref, fresh)))
+        if not cuda:
+            label, value = base(ref, key, "cpu_best_s")
+            rows.append(row("fwd+bwd, cached map, torch backend, 1 thread, CPU time", one[key]["cpu_best_s"], "s",
+                            label and f"{label}, CPU time", value))
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--scene", choices=sorted(SCENES), default="shell")
@@ -325,8 +362,7 @@ def main(argv: list[str] | None = None) -> int:
                 "spconv_case": best_sp["backend"],
                 "torch/spconv": round(best_torch[key]["best_s"] / best_sp[key]["best_s"], 3),
             }
-        payload = {
-            "headline": headline,
+        details = {
             "device": str(device),
             "device_name": torch.cuda.get_device_name(device) if cuda else platform.processor() or platform.machine(),
             "scene": args.scene,
@@ -338,9 +374,8 @@ def main(argv: list[str] | None = None) -> int:
             "ratios": ratios,
             "total_s": total,
         }
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(payload, indent=2))
-        print(f"wrote {args.json}")
+        write_json(args.json, "sparse_conv", headline_rows(cases, cuda, n, args.resolution), details,
+                   headline=headline)
     return 0
 
 

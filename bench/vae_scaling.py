@@ -20,7 +20,6 @@ On CPU the default is one torch thread (stable on a shared machine); --threads c
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import platform
 import statistics
@@ -30,13 +29,14 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-for _pkg in ("core", "data", "vae"):  # runnable from a checkout without installing the packages
-    _src = str(ROOT / "stages" / _pkg / "src")
-    if _src not in sys.path:
+for _src in (*(str(ROOT / "stages" / p / "src") for p in ("core", "data", "vae")), str(ROOT)):
+    if _src not in sys.path:  # runnable from a checkout without installing the packages
         sys.path.insert(0, _src)
 
 import torch  # noqa: E402
 
+from bench._report import row as result_row  # noqa: E402
+from bench._report import write_json  # noqa: E402
 from interiorfusion_core.sparse import backend_status, resolve_backend  # noqa: E402
 from interiorfusion_data.config import DataStageConfig  # noqa: E402
 from interiorfusion_data.format import decode_sample  # noqa: E402
@@ -147,8 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     t_data = time.perf_counter() - t_start
     config = VAEPretrainConfig(
         model={"latent_dim": args.latent_dim, "channels": args.channels, "blocks_per_level": args.blocks,
-               "sparse_backend": backend, "base_resolution": max(resolutions),
-               "target_resolution": max(max(resolutions), 1024)},
+               "sparse_backend": backend, "target_resolution": max(resolutions)},
         loss={"render_views": args.render_views},
     )
     task = VAETask(config, data_uri="")
@@ -207,10 +206,9 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.json:
         top = max(rows, key=lambda x: x["resolution"])
-        payload = {
-            "headline": {"growth_exponent": round(exponent, 3),
-                         f"s_per_step_{top['resolution']}": round(top["s_per_step"], 4),
-                         "device": device.type},
+        headline = {"growth_exponent": round(exponent, 3),
+                    f"s_per_step_{top['resolution']}": round(top["s_per_step"], 4), "device": device.type}
+        details = {
             "device": str(device), "device_name": dev_name, "torch": torch.__version__,
             "threads": torch.get_num_threads(), "backend": backend,
             "model": {"channels": args.channels, "blocks_per_level": args.blocks, "latent_dim": args.latent_dim,
@@ -221,9 +219,19 @@ def main(argv: list[str] | None = None) -> int:
             "voxel_growth_exponent": voxel_growth, "time_vs_voxels_exponent": voxel_exponent,
             "data_build_s": t_data, "total_s": total,
         }
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(payload, indent=2))
-        print(f"wrote {args.json}")
+        threads = torch.get_num_threads()
+        where = "CUDA" if device.type == "cuda" else f"{threads} thread{'s' if threads > 1 else ''}"
+        where += ", widths " + "/".join(map(str, args.channels))
+        table = []
+        for r in rows:
+            what = f"VAE train step at {r['resolution']}³ ({r['voxels'] / 1000:.0f}k voxels)"
+            table.append(result_row(what if table else f"{what}, {backend} backend, {where}", r["s_per_step"], "s"))
+        if len(rows) > 1:
+            # The same run's voxel counts are the yardstick: time ∝ voxels gives the voxels' own exponent (≈ 2).
+            table.append(result_row(f"growth exponent of step time vs N ({', '.join(f'{r}³' for r in resolutions)})",
+                                    exponent, "", "exponent of the voxel count vs N", voxel_growth,
+                                    target=f"≤ {args.target_exponent:g}"))
+        write_json(args.json, "vae_scaling", table, details, headline=headline)
     return 0
 
 
