@@ -7,14 +7,13 @@ and outside the optimizer and the checkpoints."""
 from __future__ import annotations
 
 import json
-import socket
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_engine_program import ROOT, ForkRunner, accelerate_cmd, run_program, toy_config, write_config
+from test_engine_program import ForkRunner, launch_2_processes, run_program, toy_config, write_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
@@ -24,22 +23,9 @@ PER_RANK = dict(batch_size=4, max_steps=STEPS, checkpoint_every=4, log_every=1, 
 QUIET = {"PYTHONWARNINGS": "ignore::FutureWarning,ignore::UserWarning", "ENGINE_TEST_NAN_AT": str(NAN_AT)}
 
 
-def free_port() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return str(s.getsockname()[1])
-
-
 def launch(kind: str, config: Path, out: Path, tmp: Path, **env: str) -> Any:
-    if kind == "zero3":
-        args = ["--config_file", str(ROOT / "configs/accelerate_deepspeed.yaml"), "--num_processes", "2"]
-    else:
-        args = ["--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-                "--dynamo_backend", "no"]
-        env["ACCELERATE_USE_CPU"] = "true"
-    args += ["--main_process_port", free_port()]
-    return run_program(config, out, tmp, launcher=[*accelerate_cmd(), *args], timeout=420,
-                       HF_HOME=str(tmp / "hf"), **QUIET, **env)
+    launcher = launch_2_processes(kind, env)
+    return run_program(config, out, tmp, launcher=launcher, timeout=420, HF_HOME=str(tmp / "hf"), **QUIET, **env)
 
 
 def losses(path: Path, key: str = "train/loss") -> dict[int, float]:

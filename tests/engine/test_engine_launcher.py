@@ -10,8 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_engine_distributed import free_port
-from test_engine_program import ROOT, accelerate_cmd, run_program, toy_config, write_config
+from test_engine_program import launch_2_processes, run_program, toy_config, write_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
@@ -20,15 +19,8 @@ TRAIN = dict(batch_size=4, max_steps=8, checkpoint_every=2, log_every=1)
 
 
 def launch(kind: str, config: Path, out: Path, tmp: Path, timeout: float = 300, **env: str) -> Any:
-    if kind == "zero2":
-        args = ["--config_file", str(ROOT / "configs/accelerate_deepspeed_zero2.yaml"), "--num_processes", "2"]
-    else:
-        args = ["--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-                "--dynamo_backend", "no"]
-        env["ACCELERATE_USE_CPU"] = "true"
-    args += ["--main_process_port", free_port()]
-    return run_program(config, out, tmp, launcher=[*accelerate_cmd(), *args], timeout=timeout,
-                       HF_HOME=str(tmp / "hf"), **QUIET, **env)
+    launcher = launch_2_processes(kind, env)
+    return run_program(config, out, tmp, launcher=launcher, timeout=timeout, HF_HOME=str(tmp / "hf"), **QUIET, **env)
 
 
 @pytest.mark.parametrize("kind", ["ddp", "zero2"])

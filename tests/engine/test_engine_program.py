@@ -95,6 +95,26 @@ def accelerate_cmd() -> list[str]:
     return [sys.executable, "-m", "accelerate.commands.launch"]
 
 
+LAUNCHER_CONFIGS = {"zero3": "configs/accelerate_deepspeed.yaml", "zero2": "configs/accelerate_deepspeed_zero2.yaml"}
+
+
+def launch_2_processes(kind: str, env: dict[str, str]) -> list[str]:
+    """`accelerate launch` with 2 CPU processes: DeepSpeed `zero2`/`zero3` (the repo's launcher files) or `ddp`
+    (CPU DDP needs ACCELERATE_USE_CPU, set into `env`), on a free port."""
+    import socket
+
+    if kind in LAUNCHER_CONFIGS:
+        args = ["--config_file", str(ROOT / LAUNCHER_CONFIGS[kind]), "--num_processes", "2"]
+    else:
+        args = ["--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+                "--dynamo_backend", "no"]
+        env["ACCELERATE_USE_CPU"] = "true"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    return [*accelerate_cmd(), *args, "--main_process_port", port]
+
+
 class ForkRunner:
     """Runs the program in fresh processes forked from a forkserver that has already imported torch (and paid
     torch._dynamo's first-use import, ~5 s here): same code path as `run_program`, ~10x quicker to start.
