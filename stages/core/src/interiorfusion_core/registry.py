@@ -17,7 +17,7 @@ from interiorfusion_core.config.yamlio import did_you_mean
 from interiorfusion_core.errors import UserError
 
 if TYPE_CHECKING:
-    from interiorfusion_core.contract import Stage
+    from interiorfusion_core.stage import Stage
 
 GROUP = "interiorfusion.stages"
 
