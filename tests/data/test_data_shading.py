@@ -158,9 +158,11 @@ def voxel_parity(s: dict) -> tuple[np.ndarray, float]:
 
 
 def test_voxel_materials_shaded_from_stored_cameras_reproduce_the_stored_rgb() -> None:
-    """Measured (3 rooms, 256³, 2 views of 64²): median 0.0016-0.0022, 95th percentile 0.0037-0.0044, 98-99 % of
-    pixels within 0.05; the rest are voxels shared by two surfaces (edges, contact, thin parts) whose averaged
-    material or normal is neither's. 97.7-100 % of valid pixels land in an occupied voxel."""
+    """Measured (these 3 rooms, 256³, 2 views of 64²): median 0.0016-0.0019, 95th percentile 0.0037-0.0039,
+    98-99 % of pixels within 0.05; the rest are voxels shared by two surfaces (edges, contact, thin parts), which
+    take the material and normal of the surface nearest their centre, not always the one the pixel sees (plus
+    8-bit quantisation of materials, normals, depth and RGB). 97.7-100 % of valid pixels land in an occupied
+    voxel (docs/shading.md)."""
     cfg = DataStageConfig.model_validate({"voxel": {"resolutions": [128, 256]},
                                           "render": {"views": 2, "image_size": 64}})
     for index in range(3):
