@@ -184,7 +184,7 @@ def test_v2_samples_store_labels_at_every_level(v2_dir: Path) -> None:
     assert {"occ32.labels.npy", "occ32.instances.npy", "occ64.labels.npy", "occ64.instances.npy"} <= set(members)
     s = ds.get(0, resolution=64)
     assert s["meta"]["format"] == SAMPLE_FORMAT == "interiorfusion.scene/2"
-    assert s["present"] == {"voxel_labels": True, "voxel_instances": True}
+    assert s["present"] == {"voxel_labels": True, "voxel_instances": True, "lights": True}
     assert s["labels"].dtype == np.int16 and s["instances"].dtype == np.int32
     assert s["labels"].shape == s["instances"].shape == (len(s["coords"]),)
     # The stored coarse level is the majority downsampling of the finest; a level not stored (16) is that of the
@@ -202,7 +202,7 @@ def test_v2_samples_store_labels_at_every_level(v2_dir: Path) -> None:
 
 
 def write_v1_copy(src: Path, dest: Path) -> None:
-    """The same dataset as interiorfusion.scene/1 wrote it: no label members, no `present`, 20 classes."""
+    """The same dataset as interiorfusion.scene/1 wrote it: no label members, no `present`, no lights, 20 classes."""
     info = json.loads((src / "dataset.json").read_text())
     info["classes"] = list(CLASSES[:20])
     for entry in info["splits"]["train"]["shards"]:
@@ -215,6 +215,7 @@ def write_v1_copy(src: Path, dest: Path) -> None:
             meta = json.loads(members["meta.json"])
             meta["format"] = "interiorfusion.scene/1"
             meta.pop("present")
+            meta.pop("lights")
             kept = {k: v for k, v in members.items() if not k.endswith((".labels.npy", ".instances.npy"))}
             kept["meta.json"] = json_bytes(meta)
             writer.add(EncodedSample(key, kept))
@@ -238,6 +239,8 @@ def test_loader_reads_version_1_shards_and_counts_missing_labels(v2_dir: Path, t
     assert sum(len(b["keys"]) for b in batches) == 3 and not any(b["has_labels"].any() for b in batches)
     metrics = loader.metrics()
     assert metrics["data/samples_without_labels"] == 3 and metrics["data/corrupt_samples"] == 0
+    assert metrics["data/samples_without_lights"] == 3 and not any(b["has_lights"].any() for b in batches)
+    assert s["present"]["lights"] is False and s["lights"].shape == (0, 4)
     # An unknown format version is a corrupt sample with a sentence, not a crash.
     members = dict(ds.members(0))
     members["meta.json"] = json_bytes({**json.loads(members["meta.json"]), "format": "interiorfusion.scene/9"})
@@ -289,7 +292,7 @@ def test_scannet_layout_gives_voxel_labels_and_instances(tmp_path: Path) -> None
                                           "voxel": {"resolutions": [32, 64]}, "render": {"views": 0}})
     sample = build_sample(scene, cfg, 0)
     s = decode_sample(sample.members, resolution=64)
-    assert s["present"] == {"voxel_labels": True, "voxel_instances": True}
+    assert s["present"] == {"voxel_labels": True, "voxel_instances": True, "lights": True}
     centres = s["origin"] + (s["coords"] + 0.5) * s["voxel_size"]
     up = centres[:, 2] > 0.6
     chair_top = up & (np.abs(centres[:, 0] - 2.0) < 0.2) & (np.abs(centres[:, 1] - 1.5) < 0.2)
@@ -311,7 +314,8 @@ def test_scannet_without_annotation_files_says_labels_are_absent(tmp_path: Path)
     cfg = DataStageConfig.model_validate({"source": "scannet", "importer": {"path": str(tmp_path)},
                                           "voxel": {"resolutions": [32]}, "render": {"views": 0}})
     s = decode_sample(build_sample(scene, cfg, 0).members)
-    assert s["present"] == {"voxel_labels": False, "voxel_instances": False} and (s["labels"] == UNKNOWN).all()
+    assert s["present"] == {"voxel_labels": False, "voxel_instances": False, "lights": True}
+    assert (s["labels"] == UNKNOWN).all()
 
 
 def test_mesh_folder_without_names_is_unknown(tmp_path: Path) -> None:

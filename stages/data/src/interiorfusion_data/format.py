@@ -93,7 +93,9 @@ def scene_present(scene: Scene) -> dict[str, bool]:
 
 def encode_sample(key: str, scene: Scene, grids: list[VoxelGrid], cameras: list[Camera],
                   renders: list[RenderOutput], origin: np.ndarray, cube_size: float,
-                  png_level: int = 1) -> EncodedSample:
+                  png_level: int = 1, lights: np.ndarray | None = None) -> EncodedSample:
+    """`lights` (L, 4) [x, y, z, intensity], world frame, metres: the point lights the RGB views were shaded
+    with (shading.shade_np), stored as meta `lights`; None for a sample whose colours were not shaded by it."""
     if "." in key or "/" in key:
         raise ValueError(f"sample key {key!r} must not contain '.' or '/'")
     if any(g.labels is None or g.instances is None for g in grids):
@@ -110,9 +112,12 @@ def encode_sample(key: str, scene: Scene, grids: list[VoxelGrid], cameras: list[
         "depth": {"kind": "z", "unit": "mm", "scale": DEPTH_SCALE, "invalid": 0},
         "normal_frame": "camera_opencv",
         "num_classes": len(CLASSES),
-        "present": scene_present(scene),
+        "present": {**scene_present(scene), "lights": lights is not None},
         "scene": {k: v for k, v in scene.meta.items() if isinstance(v, str | int | float | bool)},
     }
+    if lights is not None:
+        # Exact float64 values (JSON round-trips them): the renderer shaded with these, cast to float32.
+        meta["lights"] = [[float(v) for v in light] for light in np.asarray(lights, np.float64).reshape(-1, 4)]
     members["meta.json"] = json_bytes(meta)
     members["layout.json"] = json_bytes(layout_json(scene))
     members["layout.txt"] = spatiallm_text(scene).encode()
@@ -209,11 +214,25 @@ def labeled_voxels_at(members: dict[str, bytes], meta: dict[str, Any], resolutio
 
 
 def sample_present(meta: dict[str, Any]) -> dict[str, bool]:
-    """The sample's `present` flags; a version-1 sample has no voxel labels."""
+    """The sample's `present` flags; a version-1 sample has no voxel labels. `lights` is true when meta stores the
+    shading lights (samples written before lights were stored have none, and they cannot be recomputed without
+    the scene)."""
     present = meta.get("present")
-    if isinstance(present, dict):
-        return {k: bool(v) for k, v in present.items()}
-    return {"voxel_labels": False, "voxel_instances": False}
+    out = ({k: bool(v) for k, v in present.items()} if isinstance(present, dict)
+           else {"voxel_labels": False, "voxel_instances": False})
+    out["lights"] = bool(out.get("lights", True)) and isinstance(meta.get("lights"), list)
+    return out
+
+
+def sample_lights(meta: dict[str, Any]) -> np.ndarray:
+    """The stored shading lights (L, 4) float32 [x, y, z, intensity] (world frame, metres); (0, 4) when absent."""
+    lights = meta.get("lights")
+    if not isinstance(lights, list):
+        return np.zeros((0, 4), np.float32)
+    arr = np.asarray(lights, np.float64)
+    if arr.size and (arr.ndim != 2 or arr.shape[1] != 4):
+        raise SampleError(f"meta.json: lights have shape {arr.shape}, expected (L, 4)")
+    return arr.reshape(-1, 4).astype(np.float32)
 
 
 def pick_views(total: int, views: list[int] | int | None, view_seed: tuple[int, ...] | None = None) -> list[int]:
@@ -238,7 +257,8 @@ def decode_sample(members: dict[str, bytes], resolution: int | None = None, fiel
         view_seed: tuple[int, ...] | None = None) -> dict[str, Any]:
     """Decode the members of one sample into numpy arrays and dicts.
 
-    Returns `key`, `meta`, `present` (what the sample carries: `voxel_labels`, `voxel_instances`), and per field:
+    Returns `key`, `meta`, `present` (what the sample carries: `voxel_labels`, `voxel_instances`, `lights`),
+    `lights` (L, 4) float32 [x, y, z, intensity] world frame (0 rows when absent), and per field:
     voxels → `coords` (M, 3) int32, `feats` (M, 8) float32, `labels` (M,) int16 class ids, `instances` (M,) int32,
     `resolution`, `origin` (3,), `voxel_size`; views → `rgb` (V, H, W, 3) uint8, `depth` (V, H, W) float32
     metres (z-depth, 0 = none), `normal` (V, H, W, 3) float32 camera frame, `semantic` (V, H, W) int64,
@@ -249,7 +269,8 @@ def decode_sample(members: dict[str, bytes], resolution: int | None = None, fiel
     if not isinstance(meta, dict) or meta.get("format") not in READABLE_FORMATS:
         found = meta.get("format") if isinstance(meta, dict) else None
         raise SampleError(f"meta.json: format {found!r} is not one this reader knows ({', '.join(READABLE_FORMATS)})")
-    out: dict[str, Any] = {"key": meta["key"], "meta": meta, "present": sample_present(meta)}
+    out: dict[str, Any] = {"key": meta["key"], "meta": meta, "present": sample_present(meta),
+                           "lights": sample_lights(meta)}
     if "voxels" in fields:
         res = int(resolution if resolution is not None else max(meta["resolutions"]))
         coords, feats, labels, instances = labeled_voxels_at(members, meta, res)

@@ -17,7 +17,8 @@ last batch it yielded, so `state_dict()` after any batch resumes at the next sam
 Corrupt samples (bad checksum, truncated shard, undecodable member) are skipped, logged by name and counted;
 when more than `max_corrupt_fraction` of the epoch's samples are corrupt, iteration stops with a UserError.
 Samples without voxel labels (version-1 shards, unlabelled imports) are read with labels "unknown" and counted
-(`data/samples_without_labels`).
+(`data/samples_without_labels`). Samples without stored shading lights (written before lights were stored) are
+counted too (`data/samples_without_lights`); `has_lights` marks them in a batch.
 """
 
 from __future__ import annotations
@@ -151,11 +152,21 @@ def collate_scenes(samples: list[dict[str, Any]]) -> dict[str, Any]:
     `has_labels` (B,) bool (False: the sample's labels are all "unknown"), `num_voxels` (B,). Views are stacked:
     `rgb` (B, V, 3, H, W) float32 in [0, 1], `depth` (B, V, H, W) metres, `normal` (B, V, 3, H, W),
     `semantic`/`instance` (B, V, H, W) int64, `intrinsics` (B, V, 3, 3), `cam_to_world` (B, V, 4, 4).
-    Boxes: `boxes` (ΣK, 9) [b, cx, cy, cz, sx, sy, sz, yaw, class_id]; `layout_text` / `layout` lists."""
+    Boxes: `boxes` (ΣK, 9) [b, cx, cy, cz, sx, sy, sz, yaw, class_id]; `layout_text` / `layout` lists.
+    Lights: `lights` (B, Lmax, 4) float32 [x, y, z, intensity] zero-padded, `num_lights` (B,) int64, `has_lights`
+    (B,) bool (False: the sample stores none and shading consumers should skip it)."""
     out: dict[str, Any] = {"keys": [s["key"] for s in samples]}
     if not samples:
         return out
     first = samples[0]
+    if "lights" in first:
+        counts = [len(s["lights"]) for s in samples]
+        lights = torch.zeros((len(samples), max(counts), 4), dtype=torch.float32)
+        for b, s in enumerate(samples):
+            lights[b, :counts[b]] = torch.from_numpy(np.asarray(s["lights"], np.float32).reshape(-1, 4))
+        out["lights"] = lights
+        out["num_lights"] = torch.tensor(counts, dtype=torch.int64)
+        out["has_lights"] = torch.tensor([bool(s.get("present", {}).get("lights")) for s in samples])
     if "coords" in first:
         coords, feats = [], []
         for b, s in enumerate(samples):
@@ -225,8 +236,9 @@ class _BatchStream(IterableDataset):
                     corrupt.append(str(exc))
             batch = collate_scenes(samples)
             unlabelled = sum(1 for s in samples if not s.get("present", {}).get("voxel_labels"))
+            unlit = sum(1 for s in samples if not s.get("present", {}).get("lights"))
             batch["_cursor"] = {"end": self.start + min((b + 1) * self.batch_size, n), "corrupt": corrupt,
-                                "count": len(samples), "unlabelled": unlabelled}
+                                "count": len(samples), "unlabelled": unlabelled, "unlit": unlit}
             yield batch
 
 
@@ -280,6 +292,7 @@ class SceneLoader:
         self.corrupt_total = 0
         self.samples_total = 0
         self.unlabelled_total = 0  # samples without voxel labels (version-1 shards, unlabelled imports)
+        self.unlit_total = 0  # samples without stored shading lights
         self.corrupt_names: list[str] = []
 
     # -- order
@@ -334,7 +347,8 @@ class SceneLoader:
         seen = self.samples_total + self.corrupt_total
         return {"data/corrupt_samples": float(self.corrupt_total), "data/samples_read": float(self.samples_total),
                 "data/corrupt_fraction": self.corrupt_total / seen if seen else 0.0,
-                "data/samples_without_labels": float(self.unlabelled_total)}
+                "data/samples_without_labels": float(self.unlabelled_total),
+                "data/samples_without_lights": float(self.unlit_total)}
 
     # -- iteration
     def _stream(self, positions: list[int], start: int) -> _BatchStream:
@@ -360,6 +374,7 @@ class SceneLoader:
             self.consumed = int(cursor["end"])
             self.samples_total += int(cursor["count"])
             self.unlabelled_total += int(cursor["unlabelled"])
+            self.unlit_total += int(cursor.get("unlit", 0))
             for name in cursor["corrupt"]:
                 self.corrupt_count += 1
                 self.corrupt_total += 1

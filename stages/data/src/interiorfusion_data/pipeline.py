@@ -25,7 +25,7 @@ from interiorfusion_core.storage import ArtifactStore, open_store
 from interiorfusion_data.config import DataStageConfig
 from interiorfusion_data.format import DATASET_FORMAT, INDEX_FORMAT, EncodedSample, encode_sample, json_bytes
 from interiorfusion_data.procedural import ProceduralOptions, generate_scene
-from interiorfusion_data.render import orbit_cameras, place_cameras, render, scale_camera
+from interiorfusion_data.render import orbit_cameras, place_cameras, render, scale_camera, scene_lights
 from interiorfusion_data.scene import CLASSES, Scene
 from interiorfusion_data.shards import ShardWriter, index_name, shard_name
 from interiorfusion_data.voxelize import CHANNELS, VoxelGrid, downsample_labeled, fit_cube, scene_face_attrs, voxelize
@@ -81,9 +81,11 @@ def build_sample(scene: Scene, cfg: DataStageConfig, index: int) -> EncodedSampl
     t1 = time.perf_counter()
     cams = scene_cameras(scene, cfg, camera_rng(cfg.seed, index))
     normals = scene.face_normals()
-    renders = [render(scene, cam, normals) for cam in cams]
+    lights = scene_lights(scene)
+    renders = [render(scene, cam, normals, lights) for cam in cams]
     t2 = time.perf_counter()
-    sample = encode_sample(scene.name, scene, grids, cams, renders, origin, side, cfg.render.png_compress_level)
+    sample = encode_sample(scene.name, scene, grids, cams, renders, origin, side, cfg.render.png_compress_level,
+                           lights=lights)
     t3 = time.perf_counter()
     sample.stats.update(t_voxelize=t1 - t0, t_render=t2 - t1, t_encode=t3 - t2)
     return sample

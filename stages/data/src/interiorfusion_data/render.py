@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from interiorfusion_data.scene import Camera, Scene, point_in_polygon
+from interiorfusion_data.shading import shade_np
 
 NEAR = 0.05
 FAR = 100.0
@@ -193,9 +194,8 @@ def raycast(triangles: np.ndarray, camera: Camera, cull_backfaces: bool = False,
 
 def shade(scene: Scene, camera: Camera, face: np.ndarray, depth: np.ndarray, normals_world: np.ndarray,
           lights: np.ndarray) -> np.ndarray:
-    """Blinn-Phong with PBR parameters: diffuse (1 - metallic) albedo, specular F0 = mix(0.04, albedo, metallic)
-    with shininess from roughness (2/r⁴ - 2), point lights with soft distance falloff, hemispherical ambient.
-    Component-wise float32 arithmetic (no reductions over length-3 axes: those are slow in numpy)."""
+    """(H, W, 3) float32 RGB in [0, 1] of the hit pixels, shaded with `shading.shade_np` (the one shading model)
+    from each face's PBR material and world normal at the back-projected hit point; 0 where nothing is hit."""
     w, h = camera.width, camera.height
     hit = np.flatnonzero(face >= 0)
     out = np.zeros((w * h, 3), np.float32)
@@ -204,38 +204,9 @@ def shade(scene: Scene, camera: Camera, face: np.ndarray, depth: np.ndarray, nor
     R, t = camera.pose[:3, :3].astype(np.float32), camera.pose[:3, 3].astype(np.float32)
     d = ray_directions(camera.K, w, h).astype(np.float32)[hit] * depth[hit, None]
     pos = mat3(d, R.T) + t
-    px, py, pz = pos[:, 0], pos[:, 1], pos[:, 2]
     fh = face[hit]
     mat = scene.face_material[fh]
-    albedo, metal = mat[:, :3], mat[:, 3:4]
-    rough = np.clip(mat[:, 4], 0.05, 1.0)
-    nx, ny, nz = (normals_world[fh, i].astype(np.float32) for i in range(3))
-    vx, vy_, vz = t[0] - px, t[1] - py, t[2] - pz
-    inv = 1.0 / np.sqrt(vx * vx + vy_ * vy_ + vz * vz)
-    vx, vy_, vz = vx * inv, vy_ * inv, vz * inv
-    flip = np.where(nx * vx + ny * vy_ + nz * vz < 0, -1.0, 1.0).astype(np.float32)
-    nx, ny, nz = nx * flip, ny * flip, nz * flip
-    shininess = np.minimum(2.0 / rough**4 - 2.0, 4096.0)
-    f0 = 0.04 * (1 - metal) + albedo * metal
-    diffuse = albedo * (1 - metal)
-    color = diffuse * (0.3 + 0.06 * nz)[:, None] + f0 * 0.15
-    for light in lights.astype(np.float32):
-        lx, ly, lz = light[0] - px, light[1] - py, light[2] - pz
-        dist2 = lx * lx + ly * ly + lz * lz
-        inv = 1.0 / np.sqrt(dist2)
-        lx, ly, lz = lx * inv, ly * inv, lz * inv
-        ndl = np.clip(nx * lx + ny * ly + nz * lz, 0, 1)
-        hx, hy, hz = lx + vx, ly + vy_, lz + vz
-        inv = 1.0 / np.maximum(np.sqrt(hx * hx + hy * hy + hz * hz), 1e-6)
-        ndh = np.clip((nx * hx + ny * hy + nz * hz) * inv, 0, 1)
-        # ndh ** shininess via exp, floored: tiny powers would be denormal floats, which are very slow on CPUs.
-        lobe = np.exp(np.maximum(shininess * np.log(np.maximum(ndh, 1e-6)), -40.0))
-        spec = np.minimum((shininess + 8) / (8 * np.pi) * lobe, 8.0) * 0.25
-        energy = light[3] / (1.0 + 0.08 * dist2) * ndl
-        color += energy[:, None] * (diffuse * 0.6 + f0 * spec[:, None])
-    # Soft tone map and gamma.
-    color = color / (1 + 0.35 * color)
-    out[hit] = np.clip(color, 0, 1) ** (1 / 1.6)
+    out[hit] = shade_np(pos, normals_world[fh], mat[:, :3], mat[:, 3], mat[:, 4], t, lights)
     return out.reshape(h, w, 3)
 
 
