@@ -292,7 +292,9 @@ def test_scannet_layout_gives_voxel_labels_and_instances(tmp_path: Path) -> None
                                           "voxel": {"resolutions": [32, 64]}, "render": {"views": 0}})
     sample = build_sample(scene, cfg, 0)
     s = decode_sample(sample.members, resolution=64)
-    assert s["present"] == {"voxel_labels": True, "voxel_instances": True, "lights": True}
+    # A scan without frames: views are renders; it has no layout polygon and no PBR materials.
+    assert s["present"] == {"voxel_labels": True, "voxel_instances": True, "lights": True,
+                            "captured_frames": False, "materials": False, "layout": False}
     centres = s["origin"] + (s["coords"] + 0.5) * s["voxel_size"]
     up = centres[:, 2] > 0.6
     chair_top = up & (np.abs(centres[:, 0] - 2.0) < 0.2) & (np.abs(centres[:, 1] - 1.5) < 0.2)
@@ -314,7 +316,8 @@ def test_scannet_without_annotation_files_says_labels_are_absent(tmp_path: Path)
     cfg = DataStageConfig.model_validate({"source": "scannet", "importer": {"path": str(tmp_path)},
                                           "voxel": {"resolutions": [32]}, "render": {"views": 0}})
     s = decode_sample(build_sample(scene, cfg, 0).members)
-    assert s["present"] == {"voxel_labels": False, "voxel_instances": False, "lights": True}
+    assert s["present"] == {"voxel_labels": False, "voxel_instances": False, "lights": True,
+                            "captured_frames": False, "materials": False, "layout": False}
     assert (s["labels"] == UNKNOWN).all()
 
 

@@ -86,9 +86,11 @@ class EncodedSample:
 
 def scene_present(scene: Scene) -> dict[str, bool]:
     """What the sample carries beyond geometry: `voxel_labels` when some surface has a class (not "unknown"),
-    `voxel_instances` when some surface has an instance id."""
+    `voxel_instances` when some surface has an instance id; plus the scene's own flags (real scans:
+    `captured_frames`, `materials`, `layout`; a sample without them has no captured frames, has materials and
+    has a layout)."""
     return {"voxel_labels": bool((scene.face_class != UNKNOWN).any()),
-            "voxel_instances": bool((scene.face_instance != 0).any())}
+            "voxel_instances": bool((scene.face_instance != 0).any()), **scene.present}
 
 
 def encode_sample(key: str, scene: Scene, grids: list[VoxelGrid], cameras: list[Camera],

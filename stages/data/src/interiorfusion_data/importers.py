@@ -242,8 +242,17 @@ class ScanNetImporter:
             sb.add(v[used], remap.reshape(-1, 3), label, inst, mat)
             if inst and label not in ("wall", "floor", "ceiling", "other", "unknown"):
                 objects.append(_aabb_box(inst, label, v[used]))
+        scan_meta: dict[str, Any] = {"source": "scannet", "scan": name}
+        if (item / "color").is_dir() and (item / "depth").is_dir():
+            lo, hi = v.min(axis=0), v.max(axis=0)
+            cameras, frames, ids = scannet_frames(item, meta, align, self.views, self.image_size, (lo, hi))
+            scan_meta["frames"] = " ".join(ids)
+            present = {"captured_frames": True, "materials": False, "layout": False}
+            return sb.build(objects=objects, cameras=cameras or None, frames=frames or None, meta=scan_meta,
+                            present=present)
         cameras = _scannet_cameras(item, meta, align, self.views, self.image_size)
-        return sb.build(objects=objects, cameras=cameras or None, meta={"source": "scannet", "scan": name})
+        return sb.build(objects=objects, cameras=cameras or None, meta=scan_meta,
+                        present={"captured_frames": False, "materials": False, "layout": False})
 
 
 def _scannet_vertex_objects(item: Path, name: str, num_vertices: int) -> tuple[np.ndarray, dict[int, str]]:
@@ -344,6 +353,129 @@ def _scannet_cameras(item: Path, meta: dict[str, Any], align: np.ndarray, views:
         Ks[0, 2] -= (width * s - size) / 2
         cams.append(Camera(Ks, valid[i], size, size))
     return cams
+
+
+def _scannet_K(item: Path, meta: dict[str, Any], which: str) -> np.ndarray:
+    f = item / "intrinsic" / f"intrinsic_{which}.txt"
+    if f.is_file():
+        return np.loadtxt(f).reshape(4, 4)[:3, :3].astype(np.float64)
+    if f"fx_{which}" in meta:
+        return np.array([[meta[f"fx_{which}"], 0, meta[f"mx_{which}"]], [0, meta[f"fy_{which}"], meta[f"my_{which}"]],
+                         [0, 0, 1]], np.float64)
+    raise UserError(f"{item}: frames but no intrinsic/intrinsic_{which}.txt or fx_{which} in {item.name}.txt")
+
+
+def square_camera(K: np.ndarray, width: int, height: int, size: int) -> tuple[np.ndarray, int, int, int, int]:
+    """The `size`² camera of an image resized to cover the square (aspect kept) and centre-cropped: its
+    intrinsics, the resized (width, height) and the crop offsets (x, y) in resized pixels."""
+    s = max(size / width, size / height)
+    rw, rh = max(size, round(width * s)), max(size, round(height * s))
+    ox, oy = (rw - size) // 2, (rh - size) // 2
+    Kt = K.copy()
+    Kt[0] *= rw / width
+    Kt[1] *= rh / height
+    Kt[0, 2] -= ox
+    Kt[1, 2] -= oy
+    return Kt, rw, rh, ox, oy
+
+
+def resample_depth(depth: np.ndarray, K_depth: np.ndarray, K_target: np.ndarray, size: int) -> np.ndarray:
+    """Depth (metres) of the depth camera seen through the target camera at the same pose: each target pixel
+    centre's ray is projected into the depth image and takes its nearest pixel (no blending across edges).
+    Same centre and axes, so z-depth along a ray is unchanged. 0 outside the depth image or where it is 0."""
+    from interiorfusion_data.render import ray_directions
+
+    d = ray_directions(K_target, size, size)
+    p = d @ K_depth.T
+    x = np.floor(p[:, 0] / p[:, 2]).astype(np.int64)
+    y = np.floor(p[:, 1] / p[:, 2]).astype(np.int64)
+    h, w = depth.shape
+    ok = (x >= 0) & (x < w) & (y >= 0) & (y < h)
+    out = np.zeros(size * size, np.float32)
+    out[ok] = depth[y[ok], x[ok]]
+    return out.reshape(size, size)
+
+
+def backproject(depth: np.ndarray, K: np.ndarray, pose: np.ndarray, stride: int = 1) -> np.ndarray:
+    """World points (N, 3) of a z-depth map's valid pixels (pixel centres at u + 0.5), every `stride`-th pixel."""
+    h, w = depth.shape
+    vv, uu = np.mgrid[0:h:stride, 0:w:stride]
+    z = depth[vv, uu].ravel().astype(np.float64)
+    keep = z > 0
+    u, v, z = uu.ravel()[keep] + 0.5, vv.ravel()[keep] + 0.5, z[keep]
+    cam = np.stack([(u - K[0, 2]) / K[0, 0] * z, (v - K[1, 2]) / K[1, 1] * z, z], axis=1)
+    return cam @ pose[:3, :3].T + pose[:3, 3]
+
+
+def _frame_id_key(stem: str) -> tuple[int, str]:
+    return (int(stem), stem) if stem.isdigit() else (1 << 62, stem)
+
+
+MAX_CANDIDATE_FRAMES = 300  # a scan has thousands of frames (30 fps): coverage is scored on an even subset
+COVERAGE_CELLS = 64  # coverage is counted in cells of the mesh's longest side / 64
+
+
+def scannet_frames(item: Path, meta: dict[str, Any], align: np.ndarray, views: int, size: int,
+                   bounds: tuple[np.ndarray, np.ndarray]) -> tuple[list[Camera], list, list[str]]:
+    """The scan's captured frames chosen as its views: cameras, (rgb, depth) pairs and the frame ids.
+
+    Frames are `color/ID.jpg`, `depth/ID.png` (uint16 mm), `pose/ID.txt` (4×4 camera-to-world; frames whose pose
+    has a non-finite entry are skipped). Views are chosen greedily by coverage: each pick is the frame whose
+    back-projected depth covers the most cells (of the mesh's bounding box) not covered by the frames picked so
+    far; once nothing new is covered, the frames covering most cells fill the rest. Colour and depth are
+    resampled into one camera, the colour camera resized to cover `size`² and centre-cropped (area filter);
+    depth is looked up through the depth intrinsics at the same pose (ScanNet's depth-to-colour extrinsic is
+    the identity). The axis alignment is applied to the poses as to the mesh."""
+    from PIL import Image
+
+    if views == 0:
+        return [], [], []
+    ids = sorted({p.stem for p in (item / "color").glob("*.jpg")} & {p.stem for p in (item / "depth").glob("*.png")}
+                 & {p.stem for p in (item / "pose").glob("*.txt")}, key=_frame_id_key)
+    poses: dict[str, np.ndarray] = {}
+    for i in ids:
+        try:
+            m = np.loadtxt(item / "pose" / f"{i}.txt").reshape(4, 4)
+        except ValueError:
+            continue
+        if np.isfinite(m).all():
+            poses[i] = align @ m
+    valid = list(poses)
+    if not valid:
+        return [], [], []
+    if len(valid) > MAX_CANDIDATE_FRAMES:
+        valid = [valid[int(j)] for j in np.linspace(0, len(valid) - 1, MAX_CANDIDATE_FRAMES).round()]
+    K_color, K_depth = _scannet_K(item, meta, "color"), _scannet_K(item, meta, "depth")
+    lo, hi = bounds
+    cell = float((hi - lo).max()) / COVERAGE_CELLS or 1.0
+    covers: dict[str, set[int]] = {}
+    for i in valid:
+        depth = np.asarray(Image.open(item / "depth" / f"{i}.png"), np.float32) / 1000.0
+        stride = max(1, depth.shape[1] // 80)
+        pts = backproject(depth, K_depth, poses[i], stride)
+        pts = pts[((pts >= lo - cell) & (pts <= hi + cell)).all(axis=1)]
+        c = np.floor((pts - lo) / cell).astype(np.int64) + 2
+        covers[i] = set(((c[:, 0] * 4096 + c[:, 1]) * 4096 + c[:, 2]).tolist())
+    chosen: list[str] = []
+    seen: set[int] = set()
+    while len(chosen) < min(views, len(valid)):
+        rest = [i for i in valid if i not in chosen]
+        gain = [len(covers[i] - seen) for i in rest]
+        best = int(np.argmax(gain))
+        if gain[best] == 0:
+            best = int(np.argmax([len(covers[i]) for i in rest]))
+        chosen.append(rest[best])
+        seen |= covers[rest[best]]
+    cams, frames = [], []
+    for i in chosen:
+        with Image.open(item / "color" / f"{i}.jpg") as img:
+            rgb_img = img.convert("RGB")
+        Kt, rw, rh, ox, oy = square_camera(K_color, rgb_img.width, rgb_img.height, size)
+        rgb = np.asarray(rgb_img.resize((rw, rh), Image.Resampling.BOX))[oy:oy + size, ox:ox + size]
+        depth = np.asarray(Image.open(item / "depth" / f"{i}.png"), np.float32) / 1000.0
+        frames.append((np.ascontiguousarray(rgb, np.uint8), resample_depth(depth, K_depth, Kt, size)))
+        cams.append(Camera(Kt, poses[i], size, size))
+    return cams, frames, chosen
 
 
 # ---------------------------------------------------------------------------------------------- 3D-FRONT

@@ -154,10 +154,18 @@ def collate_scenes(samples: list[dict[str, Any]]) -> dict[str, Any]:
     `semantic`/`instance` (B, V, H, W) int64, `intrinsics` (B, V, 3, 3), `cam_to_world` (B, V, 4, 4).
     Boxes: `boxes` (ΣK, 9) [b, cx, cy, cz, sx, sy, sz, yaw, class_id]; `layout_text` / `layout` lists.
     Lights: `lights` (B, Lmax, 4) float32 [x, y, z, intensity] zero-padded, `num_lights` (B,) int64, `has_lights`
-    (B,) bool (False: the sample stores none and shading consumers should skip it)."""
+    (B,) bool (False: the sample stores none and shading consumers should skip it). Present flags: `has_materials`,
+    `has_layout` (False for real scans: no PBR materials, no wall/floor polygon) and `has_captured_frames` (True:
+    the views' colour and depth are a camera's real frames, not renders) (B,) bool."""
     out: dict[str, Any] = {"keys": [s["key"] for s in samples]}
     if not samples:
         return out
+    if "present" in samples[0]:
+        # What real scans lack (absent flags: procedural defaults): losses needing it skip those samples.
+        flags = [s.get("present", {}) for s in samples]
+        out["has_captured_frames"] = torch.tensor([bool(f.get("captured_frames", False)) for f in flags])
+        out["has_materials"] = torch.tensor([bool(f.get("materials", True)) for f in flags])
+        out["has_layout"] = torch.tensor([bool(f.get("layout", True)) for f in flags])
     first = samples[0]
     if "lights" in first:
         counts = [len(s["lights"]) for s in samples]
@@ -237,8 +245,11 @@ class _BatchStream(IterableDataset):
             batch = collate_scenes(samples)
             unlabelled = sum(1 for s in samples if not s.get("present", {}).get("voxel_labels"))
             unlit = sum(1 for s in samples if not s.get("present", {}).get("lights"))
+            no_layout = sum(1 for s in samples if not s.get("present", {}).get("layout", True))
+            no_materials = sum(1 for s in samples if not s.get("present", {}).get("materials", True))
             batch["_cursor"] = {"end": self.start + min((b + 1) * self.batch_size, n), "corrupt": corrupt,
-                                "count": len(samples), "unlabelled": unlabelled, "unlit": unlit}
+                                "count": len(samples), "unlabelled": unlabelled, "unlit": unlit,
+                                "no_layout": no_layout, "no_materials": no_materials}
             yield batch
 
 
@@ -293,6 +304,8 @@ class SceneLoader:
         self.samples_total = 0
         self.unlabelled_total = 0  # samples without voxel labels (version-1 shards, unlabelled imports)
         self.unlit_total = 0  # samples without stored shading lights
+        self.no_layout_total = 0  # samples without walls/floor polygon (real scans)
+        self.no_materials_total = 0  # samples without PBR materials (real scans: colours only)
         self.corrupt_names: list[str] = []
 
     # -- order
@@ -348,7 +361,9 @@ class SceneLoader:
         return {"data/corrupt_samples": float(self.corrupt_total), "data/samples_read": float(self.samples_total),
                 "data/corrupt_fraction": self.corrupt_total / seen if seen else 0.0,
                 "data/samples_without_labels": float(self.unlabelled_total),
-                "data/samples_without_lights": float(self.unlit_total)}
+                "data/samples_without_lights": float(self.unlit_total),
+                "data/samples_without_layout": float(self.no_layout_total),
+                "data/samples_without_materials": float(self.no_materials_total)}
 
     # -- iteration
     def _stream(self, positions: list[int], start: int) -> _BatchStream:
@@ -375,6 +390,8 @@ class SceneLoader:
             self.samples_total += int(cursor["count"])
             self.unlabelled_total += int(cursor["unlabelled"])
             self.unlit_total += int(cursor.get("unlit", 0))
+            self.no_layout_total += int(cursor.get("no_layout", 0))
+            self.no_materials_total += int(cursor.get("no_materials", 0))
             for name in cursor["corrupt"]:
                 self.corrupt_count += 1
                 self.corrupt_total += 1

@@ -13,7 +13,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -83,6 +83,10 @@ def build_sample(scene: Scene, cfg: DataStageConfig, index: int) -> EncodedSampl
     normals = scene.face_normals()
     lights = scene_lights(scene)
     renders = [render(scene, cam, normals, lights) for cam in cams]
+    if scene.frames:
+        # Captured colour and depth replace the renders'; normal/semantic/instance stay rendered from the mesh.
+        renders = [replace(r, rgb=rgb, depth=depth) for r, (rgb, depth) in zip(renders, scene.frames, strict=False)]
+        lights = None
     t2 = time.perf_counter()
     sample = encode_sample(scene.name, scene, grids, cams, renders, origin, side, cfg.render.png_compress_level,
                            lights=lights)

@@ -125,6 +125,11 @@ class Scene:
     floor_polygon: np.ndarray | None = None  # (P, 2) counter-clockwise, when known
     cameras: list[Camera] | None = None  # given cameras (scans); else placed by the renderer
     meta: dict[str, Any] = field(default_factory=dict)
+    # Captured frames (real scans), one per camera: RGB (H, W, 3) uint8 and z-depth (H, W) float32 metres (0 =
+    # none), already resampled into that camera. They replace the renderer's colour and depth for those views.
+    frames: list[tuple[np.ndarray, np.ndarray]] | None = None
+    # Extra `present` flags of the sample (what a real scan lacks, e.g. {"materials": False, "layout": False}).
+    present: dict[str, bool] = field(default_factory=dict)
 
     @property
     def triangles(self) -> np.ndarray:
