@@ -1,6 +1,6 @@
-"""Real RGB-D scans: a ScanNet scene written here in ScanNet's extracted layout (mesh, labels, colour/depth/pose
-frames rendered from the mesh by the project's renderer at known poses, one invalid pose) imports end to end into
-shards whose views are the captured frames, and the VAE trains on them.
+"""Real scans: a ScanNet scene written here in ScanNet's extracted layout (mesh, labels, colour/depth/pose frames
+rendered from the mesh by the project's renderer at known poses, one invalid pose) imports end to end into shards
+whose views are the captured frames, and the VAE trains on them; so does an HM3D scene in habitat's layout.
 
 Frame sizes are small (colour 162×121, depth 80×60, each with its own intrinsics) to keep the test fast; the file
 names, formats and the separate colour/depth cameras are ScanNet's."""
@@ -185,6 +185,12 @@ def test_scannet_scan_to_shards_and_vae(tmp_path: Path, monkeypatch: pytest.Monk
     assert not batch["has_materials"].any() and not batch["has_layout"].any() and batch["has_captured_frames"].all()
     assert set(np.unique(s["labels"]).tolist()) <= {CLASS_ID[c] for c in ("floor", "ceiling", "wall", "chair")}
 
+    train_vae_briefly(data.uri, tmp_path)
+
+
+def train_vae_briefly(data_uri: str, tmp_path: Path) -> None:
+    from interiorfusion_core.contract import run_stage
+
     vae_cfg = yaml.safe_load((Path(__file__).resolve().parents[2] / "configs/smoke/vae.yaml").read_text())
     vae_cfg["training"].update(max_steps=2, log_every=1, val_every=2, val_batches=1, checkpoint_every=2,
                                batch_size=1, curriculum=[{"resolution": 32, "steps": 1, "lr": 2e-3},
@@ -194,7 +200,83 @@ def test_scannet_scan_to_shards_and_vae(tmp_path: Path, monkeypatch: pytest.Monk
     vae_cfg["data"]["dataset"] = "InteriorFusion-Real"
     vae_path = tmp_path / "vae.yaml"
     vae_path.write_text(yaml.safe_dump(vae_cfg))
-    vae = run_stage("vae", vae_path, inputs={"data": data.uri}, output=(tmp_path / "vae").as_uri())
+    vae = run_stage("vae", vae_path, inputs={"data": data_uri}, output=(tmp_path / "vae").as_uri())
     m = vae.manifest.metrics
     # Trained both curriculum steps, with the render losses computed against the captured depth.
     assert m["steps"] == 2 and np.isfinite(m["loss"]) and m["depth_consistency"] > 0
+
+
+# ---------------------------------------------------------------------------------------------- HM3D
+def z_up_to_y_up(v: np.ndarray) -> np.ndarray:
+    return np.stack([v[:, 0], v[:, 2], -v[:, 1]], axis=1)
+
+
+def write_hm3d(root: Path, name: str = "00800-TEEsavR23oF") -> Path:
+    """Habitat's HM3D layout: `SCENE/HASH.basis.glb`, `HASH.semantic.glb` (object ids as vertex colours),
+    `HASH.semantic.txt` (`id,hex,"name",region`); y-up glTF."""
+    scene = root / name
+    scene.mkdir(parents=True)
+    stem = name.split("-", 1)[1]
+    parts = room_parts()
+    hexes = [f"{0x102030 + 0x050911 * k:06X}" for k in range(len(parts))]
+    verts, faces, colors, codes, base = [], [], [], [], 0
+    for k, (_, v, f, rgb) in enumerate(parts):
+        verts.append(z_up_to_y_up(v))
+        faces.append(f + base)
+        colors.append(np.tile([*rgb, 255], (len(v), 1)))
+        h = int(hexes[k], 16)
+        codes.append(np.tile([h >> 16, (h >> 8) & 255, h & 255, 255], (len(v), 1)))
+        base += len(v)
+    for path, vc in ((scene / f"{stem}.basis.glb", colors), (scene / f"{stem}.semantic.glb", codes)):
+        mesh = trimesh.Trimesh(np.concatenate(verts), np.concatenate(faces), process=False)
+        mesh.visual = trimesh.visual.ColorVisuals(mesh, vertex_colors=np.concatenate(vc).astype(np.uint8))
+        mesh.export(path)
+    rows = [f'{k + 1},{hexes[k]},"{label}",{k % 2}' for k, (label, *_) in enumerate(parts)]
+    (scene / f"{stem}.semantic.txt").write_text("HM3D Semantic Annotations\n" + "\n".join(rows) + "\n")
+    return scene
+
+
+def test_hm3d_scene_labels_and_inside_cameras(tmp_path: Path) -> None:
+    from interiorfusion_data.importers import HM3DImporter
+    from interiorfusion_data.pipeline import scene_cameras
+
+    write_hm3d(tmp_path)
+    imp = HM3DImporter(tmp_path)
+    (item,) = imp.items()
+    scene = imp.load(item)
+    lo, hi = scene.bounds()
+    assert np.allclose(lo, [0, 0, 0], atol=1e-5) and np.allclose(hi, ROOM, atol=1e-5)  # y-up → z-up
+    assert scene.instance_class() == {k + 1: label for k, (label, *_) in enumerate(room_parts())}
+    (box,) = scene.objects
+    assert box.label == "chair" and np.allclose(box.center, CHAIR[0], atol=1e-5)
+    assert scene.present == {"captured_frames": False, "materials": False, "layout": False}
+    chair = scene.face_class == CLASS_ID["chair"]
+    assert np.allclose(scene.face_material[chair, :3], np.array([20, 40, 200]) / 255, atol=1e-3)
+    cfg = DataStageConfig.model_validate({"source": "hm3d", "importer": {"path": str(tmp_path)},
+                                          "render": {"views": 3, "image_size": 32}})
+    cams = scene_cameras(scene, cfg, np.random.default_rng(0))
+    assert len(cams) == 3
+    for cam in cams:  # inside the room, not orbiting it
+        eye = cam.pose[:3, 3]
+        assert (eye > 0).all() and (eye < np.array(ROOM)).all()
+        assert (render(scene, cam).depth > 0).mean() > 0.99
+
+
+def test_hm3d_scene_to_shards_and_vae(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from interiorfusion_core.contract import run_stage
+
+    monkeypatch.setenv("INTERIORFUSION_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    root = tmp_path / "hm3d"
+    for name in ("00800-TEEsavR23oF", "00801-HaxA7YrQdEC", "00802-wcojb4TFT35"):
+        write_hm3d(root, name)
+    cfg = scannet_data_config(root, source="hm3d")
+    cfg_path = tmp_path / "data.yaml"
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    data = run_stage("data", cfg_path, output=(tmp_path / "data").as_uri())
+    s = open_dataset(data.uri, "train").get(0)
+    assert s["present"] == {"voxel_labels": True, "voxel_instances": True, "lights": True,
+                            "captured_frames": False, "materials": False, "layout": False}
+    assert s["rgb"].shape == (2, 32, 32, 3) and (s["depth"] > 0).mean() > 0.99
+    assert set(np.unique(s["labels"]).tolist()) == {CLASS_ID[c] for c in ("floor", "ceiling", "wall", "chair")}
+    train_vae_briefly(data.uri, tmp_path)

@@ -109,7 +109,7 @@ class DataStageConfig(StageConfig):
     )
     signature: ClassVar[tuple[str, ...]] = ("procedural", "voxel", "render", "splits", "importer")
     dataset: str = "InteriorFusion-Train"
-    source: Literal["procedural", "meshes", "scannet", "front3d"] = "procedural"
+    source: Literal["procedural", "meshes", "scannet", "hm3d", "front3d"] = "procedural"
     seed: NonNegativeInt = 0
     # Procedural: how many scenes; imports: the most scenes to take (null = all found).
     num_scenes: PositiveInt | None = 8

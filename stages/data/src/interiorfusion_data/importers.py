@@ -1,4 +1,4 @@
-"""Importers for real data ("InteriorFusion-Real"): a folder of meshes, ScanNet scenes, 3D-FRONT houses.
+"""Importers for real data ("InteriorFusion-Real"): a folder of meshes, ScanNet scans, HM3D scenes, 3D-FRONT houses.
 
 Each importer lists its scenes (`items()`, sorted, so the dataset order is stable) and turns one into a Scene
 (`load(item)`): z-up metres with per-face class, instance and material, oriented boxes and, where the source
@@ -478,6 +478,104 @@ def scannet_frames(item: Path, meta: dict[str, Any], align: np.ndarray, views: i
     return cams, frames, chosen
 
 
+# ---------------------------------------------------------------------------------------------- HM3D
+class HM3DImporter:
+    """Habitat-Matterport 3D (habitat layout): `SCENE/HASH.basis.glb` (or `HASH.glb`) with, where annotated,
+    `HASH.semantic.glb` and `HASH.semantic.txt`. The txt lists objects as `id,hexcolour,"name",region` (a first
+    line that is not such a row is a header); the semantic mesh's colours encode each face's object by that hex
+    colour (vertex colours: a face takes its first vertex's; textures are sampled at the vertices and the most
+    frequent colour of the three wins). Names → classes by keyword (`map_label`), instance = object id. The
+    semantic mesh gives the geometry and labels; albedo comes from the main mesh when it has the same faces
+    (Basis-compressed textures cannot be decoded here: then the material's base colour). glTF is y-up; scenes
+    are z-up. HM3D has no captured frames: views are rendered from cameras placed inside, on the outline of the
+    floor-labelled faces; there is no wall layout and no PBR material."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+
+    @staticmethod
+    def _main_mesh(folder: Path) -> Path | None:
+        glbs = [p for p in sorted(folder.glob("*.glb")) if not p.name.endswith(".semantic.glb")]
+        basis = [p for p in glbs if p.name.endswith(".basis.glb")]
+        return (basis or glbs or [None])[0]
+
+    def items(self) -> list[Path]:
+        if not self.root.is_dir():
+            raise UserError(f"{self.root}: not a directory of HM3D scenes")
+        found = sorted({p.parent for p in self.root.rglob("*.glb") if self._main_mesh(p.parent) is not None})
+        if not found:
+            raise UserError(f"{self.root}: no HM3D scenes (*.basis.glb / *.glb) found")
+        return found
+
+    def load(self, item: Path) -> Scene:
+        main = self._main_mesh(item)
+        assert main is not None
+        stem = main.name.removesuffix(".glb").removesuffix(".basis")
+        sem_glb, sem_txt = item / f"{stem}.semantic.glb", item / f"{stem}.semantic.txt"
+        objects_txt = _hm3d_objects(sem_txt) if sem_txt.is_file() and sem_glb.is_file() else {}
+        main_meshes = load_meshes(main)
+        geo = load_meshes(sem_glb) if objects_txt else main_meshes
+        v = np.concatenate([np.asarray(m.vertices, np.float64) for m in geo])
+        offs = np.cumsum([0] + [len(m.vertices) for m in geo])[:-1]
+        faces = np.concatenate([np.asarray(m.faces, np.int64) + o for m, o in zip(geo, offs, strict=True)])
+        v = y_up_to_z_up(v)
+        colors = np.concatenate([_face_colors(m) for m in main_meshes])
+        if len(colors) != len(faces):
+            colors = np.tile(np.asarray(DEFAULT_ALBEDO, np.float32), (len(faces), 1))
+        face_obj = np.zeros(len(faces), np.int64)
+        if objects_txt:
+            by_colour = {c: oid for oid, (c, _) in objects_txt.items()}
+            codes = np.concatenate([_hm3d_face_codes(m) for m in geo])
+            face_obj = np.array([by_colour.get(int(c), 0) for c in codes.tolist()], np.int64)
+        sb = SceneBuilder(_safe_key(item.name))
+        objects = []
+        for oid in np.unique(face_obj).tolist():
+            sel = np.flatnonzero(face_obj == oid)
+            label = map_label(objects_txt[oid][1]) if oid in objects_txt else "unknown"
+            inst = oid if oid in objects_txt else 0
+            mat = np.concatenate([colors[sel], np.tile([[0.0, 0.8]], (len(sel), 1))], axis=1)
+            used, remap = np.unique(faces[sel], return_inverse=True)
+            sb.add(v[used], remap.reshape(-1, 3), label, inst, mat)
+            if inst and label not in ("wall", "floor", "ceiling", "other", "unknown"):
+                objects.append(_aabb_box(inst, label, v[used]))
+        scene = sb.build(objects=objects, meta={"source": "hm3d", "scan": item.name},
+                         present={"captured_frames": False, "materials": False, "layout": False})
+        floor = scene.faces[scene.face_class == CLASS_ID["floor"]]
+        if len(floor):
+            poly = floor_outline(scene.vertices[:, :2], floor)
+            if poly is not None:
+                scene.floor_polygon = poly
+                scene.meta["room_height"] = float(scene.vertices[:, 2].max() - scene.vertices[:, 2].min())
+        return scene
+
+
+def _hm3d_objects(path: Path) -> dict[int, tuple[int, str]]:
+    """`HASH.semantic.txt` → {object id: (colour as int 0xRRGGBB, name)}."""
+    out: dict[int, tuple[int, str]] = {}
+    for line in path.read_text().splitlines():
+        m = re.match(r'\s*(\d+)\s*,\s*([0-9A-Fa-f]{6})\s*,\s*"?([^",]*)"?\s*(?:,.*)?$', line)
+        if m:
+            out[int(m.group(1))] = (int(m.group(2), 16), m.group(3))
+    if not out:
+        raise UserError(f"{path}: no `id,hexcolour,\"name\",region` rows")
+    return out
+
+
+def _hm3d_face_codes(mesh: trimesh.Trimesh) -> np.ndarray:
+    """Per face of a semantic mesh its colour as 0xRRGGBB."""
+    visual = mesh.visual
+    if visual.kind == "texture":
+        visual = visual.to_color()
+    if visual.kind == "face":
+        fc = np.asarray(visual.face_colors, np.int64)[:, :3]
+        return (fc[:, 0] << 16) | (fc[:, 1] << 8) | fc[:, 2]
+    vc = np.asarray(visual.vertex_colors, np.int64)[:, :3]
+    code = (vc[:, 0] << 16) | (vc[:, 1] << 8) | vc[:, 2]
+    fcodes = code[mesh.faces]
+    # The colour two vertices agree on, else the first vertex's.
+    return np.where((fcodes[:, 1] == fcodes[:, 2]) & (fcodes[:, 0] != fcodes[:, 1]), fcodes[:, 1], fcodes[:, 0])
+
+
 # ---------------------------------------------------------------------------------------------- 3D-FRONT
 FRONT_TYPES = {"floor": "floor", "ceiling": "ceiling", "wallinner": "wall", "door": "door", "window": "window",
                "baseboard": "wall", "front": "wall", "back": "wall", "walltop": None, "wallouter": None,
@@ -678,15 +776,19 @@ def floor_outline(xy: np.ndarray, faces: np.ndarray) -> np.ndarray | None:
     return poly if area > 0 else poly[::-1]
 
 
-def make_importer(source: str, root: Path, cfg: Any) -> MeshFolderImporter | ScanNetImporter | Front3DImporter:
+def make_importer(source: str, root: Path, cfg: Any
+                  ) -> MeshFolderImporter | ScanNetImporter | HM3DImporter | Front3DImporter:
     if source == "meshes":
         return MeshFolderImporter(root, cfg.importer.up_axis, cfg.importer.scale)
     if source == "scannet":
         return ScanNetImporter(root, cfg.render.views, cfg.render.image_size)
+    if source == "hm3d":
+        return HM3DImporter(root)
     if source == "front3d":
         model_dir = Path(cfg.importer.model_dir) if cfg.importer.model_dir else None
         return Front3DImporter(root, model_dir)
     raise UserError(f"unknown source '{source}'")
 
 
-__all__ = ["CLASSES", "Front3DImporter", "MeshFolderImporter", "ScanNetImporter", "make_importer", "map_label"]
+__all__ = ["CLASSES", "Front3DImporter", "HM3DImporter", "MeshFolderImporter", "ScanNetImporter", "make_importer",
+           "map_label"]
