@@ -52,3 +52,26 @@ def test_sobel_edges_find_a_step() -> None:
     img[:, 4:] = 1.0
     e = sobel_edges(img)
     assert e[:, 3:5].min() > 0.2 and e[:, :2].max() < 1e-3
+
+
+def test_normal_term_skips_pixels_without_a_true_normal() -> None:
+    """Captured frames: depth may be valid where the mesh (hence the rendered normal map) has nothing."""
+    from interiorfusion_core.sparse import SparseTensor
+    from interiorfusion_vae.losses import render_terms
+    from interiorfusion_vae.model import DecoderOutput
+
+    n = 60
+    ii, jj = torch.meshgrid(torch.arange(n), torch.arange(n), indexing="ij")
+    coords = torch.stack([torch.zeros(n * n, dtype=torch.int64), ii.flatten(), jj.flatten(),
+                          torch.full((n * n,), 20)], dim=1).int()
+    material = torch.zeros(n * n, 8)
+    material[:, 7] = -1.0  # world normals facing the camera at the origin
+    out = DecoderOutput([], [], SparseTensor(coords, material, 64), torch.full((n * n,), 10.0), material)
+    depth = torch.full((1, 1, 32, 32), 1.025)
+    normal = torch.zeros(1, 1, 3, 32, 32)
+    normal[:, :, 2, :, :16] = -1.0  # the right half has depth but no normal
+    batch = {"origin": torch.tensor([[-1.5, -1.5, 0.0]]), "voxel_size": torch.tensor([0.05]), "depth": depth,
+             "normal": normal, "intrinsics": _camera().float()[None, None], "cam_to_world": torch.eye(4)[None, None]}
+    terms = render_terms(out, batch, max_views=1)
+    assert float(terms["depth"]) < 0.02
+    assert float(terms["normal"]) < 0.02

@@ -96,7 +96,8 @@ def render_terms(out: DecoderOutput, batch: dict[str, Any], max_views: int, dept
             # The views' normal maps are in the camera frame and flipped to face the camera; voxel normals are
             # world-frame with the mesh's orientation. Rotate into the camera frame and compare up to sign.
             true_n = batch["normal"][b, v].to(probs.dtype).permute(1, 2, 0)
-            seen = valid & (r.alpha > 0.5)
+            # Only pixels with a true normal: a captured frame's depth can see what the mesh lacks (normal 0).
+            seen = valid & (r.alpha > 0.5) & (true_n.abs().sum(dim=-1) > 0)
             if bool(seen.any()):
                 rot = batch["cam_to_world"][b, v][:3, :3].to(probs.dtype)
                 cos = F.cosine_similarity(r.features[seen] @ rot, true_n[seen], dim=-1, eps=1e-6)
