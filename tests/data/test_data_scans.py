@@ -24,10 +24,11 @@ from interiorfusion_data.scene import CLASS_ID, Camera, Scene, SceneBuilder
 
 ROOM = (4.0, 3.0, 2.5)
 CHAIR = ((2.8, 1.5, 0.45), (0.5, 0.5, 0.9))
-# Camera-to-world (aligned frame): eye, target. Frame 1 nearly repeats frame 0; frame 3's pose is invalid.
+# Camera-to-world (aligned frame): eye, target. Frame 1 nearly repeats frame 0; frame 3's pose is invalid; frame 6
+# is a close-up of a wall patch (covers little).
 POSES = {0: ((1.0, 1.5, 1.4), (4.0, 1.5, 1.0)), 1: ((1.05, 1.5, 1.4), (4.0, 1.55, 1.0)),
          2: ((3.0, 1.5, 1.4), (0.0, 1.5, 1.0)), 4: ((2.0, 0.4, 1.4), (2.0, 3.0, 1.0)),
-         5: ((2.0, 2.6, 1.4), (2.0, 0.0, 1.0))}
+         5: ((2.0, 2.6, 1.4), (2.0, 0.0, 1.0)), 6: ((1.0, 2.7, 1.2), (1.0, 3.0, 1.2))}
 COLOR = (162, 121, np.array([[140.0, 0, 81.0], [0, 140.0, 60.5], [0, 0, 1]]))
 DEPTH = (80, 60, np.array([[72.0, 0, 41.0], [0, 72.0, 29.0], [0, 0, 1]]))
 # ScanNet's axisAlignment maps the raw scan frame to the aligned one: here a yaw of 30° and a shift.
@@ -81,7 +82,7 @@ def write_scannet_scan(root: Path, name: str = "scene0000_00") -> Path:
         K4[:3, :3] = K
         np.savetxt(scene / "intrinsic" / f"intrinsic_{which}.txt", K4)
     truth = truth_scene()
-    for i in range(6):
+    for i in range(7):
         if i not in POSES:
             np.savetxt(scene / "pose" / f"{i}.txt", np.full((4, 4), -np.inf))
             pose = look_at(np.array([2.0, 1.5, 1.4]), np.array([4.0, 1.5, 1.4]))
@@ -116,6 +117,7 @@ def test_scannet_frames_are_the_covering_valid_views(scan_root: Path) -> None:
     assert len(chosen) == 3 and len(scene.cameras) == 3 and len(scene.frames) == 3
     assert 3 not in chosen  # the invalid pose
     assert not {0, 1} <= set(chosen)  # never both of two frames that see the same wall
+    assert 6 not in chosen  # nor the close-up while frames covering whole walls are left
     assert scene.present == {"captured_frames": True, "materials": False, "layout": False}
     # The axis alignment is applied to poses like to the mesh: the aligned poses are the ones rendered from.
     for cam, i in zip(scene.cameras, chosen, strict=True):
@@ -124,7 +126,7 @@ def test_scannet_frames_are_the_covering_valid_views(scan_root: Path) -> None:
     assert np.allclose(lo, [0, 0, 0], atol=1e-6) and np.allclose(hi, ROOM, atol=1e-6)
     # More views than valid frames: every valid frame once, still never the invalid one.
     all_views = ScanNetImporter(scan_root, views=8, image_size=32).load(imp.items()[0])
-    assert sorted(int(i) for i in all_views.meta["frames"].split()) == [0, 1, 2, 4, 5]
+    assert sorted(int(i) for i in all_views.meta["frames"].split()) == [0, 1, 2, 4, 5, 6]
 
 
 def test_scannet_frame_cameras_match_the_mesh(scan_root: Path) -> None:
