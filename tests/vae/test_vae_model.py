@@ -119,3 +119,30 @@ def test_losses_fall_on_one_scene(steps: int) -> None:
     assert last["loss"] < 0.7 * first["loss"]
     assert last["pruning"] < 0.7 * first["pruning"]
     assert last["reconstruction"] < first["reconstruction"]
+
+
+def test_material_term_skips_samples_without_measured_materials() -> None:
+    """Real scans store filler albedo/metallic/roughness: the loss must not train towards it (normals still count)."""
+    from interiorfusion_vae.config import VAELossConfig
+    from interiorfusion_vae.losses import vae_losses
+
+    occ = _room()
+    material = torch.rand(len(occ), 8)
+    model = _model()
+    with torch.no_grad():
+        enc, out = model(occ, material)
+    second = occ.coords[:, 0] == 1
+    changed = material.clone()
+    changed[second, :5] = torch.rand(int(second.sum()), 5)  # other filler PBR values for sample 1
+    changed_normals = material.clone()
+    changed_normals[second, 5:] = torch.rand(int(second.sum()), 3)
+
+    def term(mat: torch.Tensor, has: list[bool] | None) -> dict[str, torch.Tensor]:
+        batch = {} if has is None else {"has_materials": torch.tensor(has)}
+        return vae_losses(enc, out, occ, mat, batch, VAELossConfig(), "mean", render_views=0)
+
+    real = [True, False]
+    assert torch.equal(term(material, real)["material_l1"], term(changed, real)["material_l1"])
+    assert not torch.equal(term(material, real)["material_l1"], term(changed_normals, real)["material_l1"])
+    assert not torch.equal(term(material, None)["material_l1"], term(changed, None)["material_l1"])
+    assert float(term(material, real)["samples_without_materials"]) == 1.0

@@ -66,10 +66,19 @@ def voxel_centres(coords: torch.Tensor, origin: torch.Tensor, voxel_size: torch.
     return origin[b] + (coords[:, 1:].to(origin.dtype) + 0.5) * voxel_size[b, None]
 
 
-def distance(pred: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tensor:
-    """Mean per-element distance: `l1` (absolute) or `mse` (squared), as a loss term's `type:` asks."""
+def distance(pred: torch.Tensor, target: torch.Tensor, kind: str, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean per-element distance: `l1` (absolute) or `mse` (squared), as a loss term's `type:` asks; with `mask`
+    (same shape, bool) the mean over the masked-in elements only."""
     diff = pred - target
-    return diff.abs().mean() if kind == "l1" else diff.square().mean()
+    err = diff.abs() if kind == "l1" else diff.square()
+    if mask is None:
+        return err.mean()
+    return (err * mask).sum() / mask.sum().clamp_min(1)
+
+
+# Channels of the 8 per-voxel material features that real scans do not measure (albedo RGB, metallic, roughness);
+# their normals (5:8) come from the reconstructed mesh and stay supervised.
+PBR_CHANNELS = slice(0, 5)
 
 
 def render_terms(out: DecoderOutput, batch: dict[str, Any], max_views: int, depth_type: str = "l1",
@@ -124,7 +133,17 @@ def vae_losses(
     # Logged as shape_l1 / material_l1 whatever the type (the held-out report compares L1 with its baselines).
     shape_l1 = distance(torch.sigmoid(out.occupancy_logits), targets.occupancy, recon)
     hit = targets.material_rows >= 0
-    material_l1 = distance(out.material[hit], true_material[targets.material_rows[hit]], recon)
+    rows = targets.material_rows[hit]
+    mask, skipped = None, None
+    has_materials = batch.get("has_materials")
+    if has_materials is not None:
+        # Samples without measured materials (real scans) are not trained towards filler albedo/metallic/roughness.
+        has_materials = torch.as_tensor(has_materials, dtype=torch.bool, device=rows.device)
+        keep = has_materials[truth.coords[rows, 0].long()]
+        mask = torch.ones(len(rows), true_material.shape[1], dtype=torch.bool, device=rows.device)
+        mask[~keep, PBR_CHANNELS] = False
+        skipped = (~has_materials).sum().float()
+    material_l1 = distance(out.material[hit], true_material[rows], recon, mask)
     mu, logvar = enc["mu"], enc["logvar"]
     kl = kl_divergence(mu.feats, logvar.feats, mu.coords[:, 0].long(), mu.batch_size, kl_reduction)
     prune = pruning_bce(out, enc["structure"])
@@ -141,4 +160,5 @@ def vae_losses(
         terms |= {"depth_consistency": rendered["depth"], "normal_consistency": rendered["normal"],
                   "edge_preservation": rendered["edge"]}
     total = sum(getattr(loss_cfg, name).weight * value for name, value in terms.items())
-    return {"loss": total, **terms, "shape_l1": shape_l1.detach(), "material_l1": material_l1.detach()}
+    extra = {"samples_without_materials": skipped} if skipped is not None else {}
+    return {"loss": total, **terms, "shape_l1": shape_l1.detach(), "material_l1": material_l1.detach(), **extra}
