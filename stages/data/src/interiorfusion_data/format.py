@@ -93,7 +93,7 @@ def scene_present(scene: Scene) -> dict[str, bool]:
 
 def encode_sample(key: str, scene: Scene, grids: list[VoxelGrid], cameras: list[Camera],
                   renders: list[RenderOutput], origin: np.ndarray, cube_size: float,
-                  png_level: int = 1) -> EncodedSample:
+                  png_level: int = 1, frame: dict[str, Any] | None = None) -> EncodedSample:
     if "." in key or "/" in key:
         raise ValueError(f"sample key {key!r} must not contain '.' or '/'")
     if any(g.labels is None or g.instances is None for g in grids):
@@ -113,6 +113,8 @@ def encode_sample(key: str, scene: Scene, grids: list[VoxelGrid], cameras: list[
         "present": scene_present(scene),
         "scene": {k: v for k, v in scene.meta.items() if isinstance(v, str | int | float | bool)},
     }
+    if frame is not None:
+        meta["frame"] = frame  # the voxel frame (frame.VoxelFrame.to_meta): kind, up, floor_z, floor_height
     members["meta.json"] = json_bytes(meta)
     members["layout.json"] = json_bytes(layout_json(scene))
     members["layout.txt"] = spatiallm_text(scene).encode()
