@@ -56,10 +56,21 @@ class ImporterSection(Strict):
 class VoxelSection(Strict):
     # Stored occupancy levels; the finest is voxelised, the others are exact downsamplings of it.
     resolutions: list[int] = Field(default_factory=lambda: [64], min_length=1)
-    # Air around the scene's bounding box inside its cube, metres.
+    # The voxel frame (docs/data-format.md, "Frame"): every scene in a cube of `cube_size` metres, z up, centred
+    # horizontally, its floor `floor_height` metres above the cube's bottom, so voxel size in metres depends only
+    # on the resolution (10.24 m: 1 cm at 1024³). A scene that does not fit is refused, naming it. "fit" (opt-in)
+    # fits a cube per scene instead: its bounding box plus `margin`, with no fixed metric scale.
+    cube_size: PositiveFloat | Literal["fit"] = 10.24
+    floor_height: NonNegativeFloat = 0.245
+    # Metres of air: around the bounding box ("fit"), or at least at the cube's sides and top (metric).
     margin: NonNegativeFloat = 0.05
-    # Fixed metric cube side for every scene (metres); null fits a cube per scene.
-    cube_size: PositiveFloat | None = None
+
+    @model_validator(mode="after")
+    def _frame(self) -> VoxelSection:
+        if self.cube_size != "fit" and self.floor_height + 2 * self.margin >= self.cube_size:
+            raise ValueError(f"voxel.floor_height ({self.floor_height:g} m) leaves no room in the "
+                             f"{self.cube_size:g} m cube")
+        return self
 
     @field_validator("resolutions")
     @classmethod
@@ -129,4 +140,12 @@ class DataStageConfig(StageConfig):
             raise ValueError(f"source '{self.source}' needs importer.path (a folder or an s3:// prefix)")
         if self.source == "procedural" and self.num_scenes is None:
             raise ValueError("source 'procedural' needs num_scenes")
+        v = self.voxel
+        if self.source == "procedural" and v.cube_size != "fit":
+            # The largest room the generator can make (L-shaped rooms get up to 1 m more) must fit the cube.
+            widest = self.procedural.size_range[1] + (1.0 if "lshape" in self.procedural.room_kinds else 0.0)
+            if widest + 2 * v.margin > v.cube_size or v.floor_height + 3.2 + v.margin > v.cube_size:
+                raise ValueError(f"procedural rooms up to {widest:g} m wide do not fit voxel.cube_size "
+                                 f"{v.cube_size:g} m with {v.margin:g} m margin: raise cube_size or lower "
+                                 "procedural.size_range")
         return self

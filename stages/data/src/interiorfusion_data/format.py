@@ -95,9 +95,11 @@ def scene_present(scene: Scene) -> dict[str, bool]:
 
 def encode_sample(key: str, scene: Scene, grids: list[VoxelGrid], cameras: list[Camera],
                   renders: list[RenderOutput], origin: np.ndarray, cube_size: float,
-                  png_level: int = 1, lights: np.ndarray | None = None) -> EncodedSample:
+                  png_level: int = 1, lights: np.ndarray | None = None,
+                  frame: dict[str, Any] | None = None) -> EncodedSample:
     """`lights` (L, 4) [x, y, z, intensity], world frame, metres: the point lights the RGB views were shaded
-    with (shading.shade_np), stored as meta `lights`; None for a sample whose colours were not shaded by it."""
+    with (shading.shade_np), stored as meta `lights`; None for a sample whose colours were not shaded by it.
+    `frame`: the voxel frame (frame.VoxelFrame.to_meta), stored as meta `frame`."""
     if "." in key or "/" in key:
         raise ValueError(f"sample key {key!r} must not contain '.' or '/'")
     if any(g.labels is None or g.instances is None for g in grids):
@@ -120,6 +122,8 @@ def encode_sample(key: str, scene: Scene, grids: list[VoxelGrid], cameras: list[
     if lights is not None:
         # Exact float64 values (JSON round-trips them): the renderer shaded with these, cast to float32.
         meta["lights"] = [[float(v) for v in light] for light in np.asarray(lights, np.float64).reshape(-1, 4)]
+    if frame is not None:
+        meta["frame"] = frame  # the voxel frame (frame.VoxelFrame.to_meta): kind, up, floor_z, floor_height
     members["meta.json"] = json_bytes(meta)
     members["layout.json"] = json_bytes(layout_json(scene))
     members["layout.txt"] = spatiallm_text(scene).encode()

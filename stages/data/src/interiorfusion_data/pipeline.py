@@ -24,11 +24,12 @@ from interiorfusion_core.errors import UserError
 from interiorfusion_core.storage import ArtifactStore, open_store
 from interiorfusion_data.config import DataStageConfig
 from interiorfusion_data.format import DATASET_FORMAT, INDEX_FORMAT, EncodedSample, encode_sample, json_bytes
+from interiorfusion_data.frame import fit_frame, metric_frame
 from interiorfusion_data.procedural import ProceduralOptions, generate_scene
 from interiorfusion_data.render import orbit_cameras, place_cameras, render, scale_camera, scene_lights
 from interiorfusion_data.scene import CLASSES, Scene
 from interiorfusion_data.shards import ShardWriter, index_name, shard_name
-from interiorfusion_data.voxelize import CHANNELS, VoxelGrid, downsample_labeled, fit_cube, scene_face_attrs, voxelize
+from interiorfusion_data.voxelize import CHANNELS, VoxelGrid, downsample_labeled, scene_face_attrs, voxelize
 
 log = logging.getLogger("interiorfusion_data")
 SPLITS = ("train", "val", "test")
@@ -65,7 +66,10 @@ def build_sample(scene: Scene, cfg: DataStageConfig, index: int) -> EncodedSampl
     """Voxelise at the finest resolution (coarser levels by exact downsampling), render every view, encode."""
     t0 = time.perf_counter()
     lo, hi = scene.bounds()
-    origin, side = fit_cube(lo, hi, cfg.voxel.margin, cfg.voxel.cube_size)
+    v = cfg.voxel
+    frame = (fit_frame(lo, hi, v.margin) if v.cube_size == "fit"
+             else metric_frame(lo, hi, v.cube_size, v.floor_height, v.margin, scene.name))
+    origin, side = frame.origin, frame.cube_size
     attrs = scene_face_attrs(scene.face_material, scene.face_normals())
     res = cfg.voxel.resolutions
     finest = max(res)
@@ -89,7 +93,7 @@ def build_sample(scene: Scene, cfg: DataStageConfig, index: int) -> EncodedSampl
         lights = None
     t2 = time.perf_counter()
     sample = encode_sample(scene.name, scene, grids, cams, renders, origin, side, cfg.render.png_compress_level,
-                           lights=lights)
+                           lights=lights, frame=frame.to_meta())
     t3 = time.perf_counter()
     sample.stats.update(t_voxelize=t1 - t0, t_render=t2 - t1, t_encode=t3 - t2)
     return sample
