@@ -540,13 +540,7 @@ class HM3DImporter:
                 objects.append(_aabb_box(inst, label, v[used]))
         scene = sb.build(objects=objects, meta={"source": "hm3d", "scan": item.name},
                          present={"captured_frames": False, "materials": False, "layout": False})
-        floor = scene.faces[scene.face_class == CLASS_ID["floor"]]
-        if len(floor):
-            poly = floor_outline(scene.vertices[:, :2], floor)
-            if poly is not None:
-                scene.floor_polygon = poly
-                scene.meta["room_height"] = float(scene.vertices[:, 2].max() - scene.vertices[:, 2].min())
-        return scene
+        return with_floor_outline(scene)
 
 
 def _hm3d_objects(path: Path) -> dict[int, tuple[int, str]]:
@@ -684,13 +678,7 @@ class Front3DImporter:
                 (doors if label == "door" else windows).append(op)
         scene = sb.build(objects=objects, walls=walls, doors=doors, windows=windows,
                          meta={"source": "front3d", "house": path.stem, "room": str(room.get("type", ""))})
-        floor = scene.faces[scene.face_class == CLASS_ID["floor"]]
-        if len(floor):
-            poly = floor_outline(scene.vertices[:, :2], floor)
-            if poly is not None:
-                scene.floor_polygon = poly
-                scene.meta["room_height"] = float(scene.vertices[:, 2].max() - scene.vertices[:, 2].min())
-        return scene
+        return with_floor_outline(scene)
 
 
 def _front_color(color: Any) -> tuple[float, float, float]:
@@ -740,6 +728,17 @@ def _opening(label: str, v: np.ndarray, inst: int, walls: list[Wall]) -> Opening
             best, best_d, best_w = i, dist, float(proj.max() - proj.min())
     assert best is not None
     return Opening(label, best, centre, best_w, float(v[:, 2].max() - v[:, 2].min()), inst)
+
+
+def with_floor_outline(scene: Scene) -> Scene:
+    """The scene with its floor polygon (the outline of its floor-class faces) and room height, when it has a floor."""
+    floor = scene.faces[scene.face_class == CLASS_ID["floor"]]
+    if len(floor):
+        poly = floor_outline(scene.vertices[:, :2], floor)
+        if poly is not None:
+            scene.floor_polygon = poly
+            scene.meta["room_height"] = float(scene.vertices[:, 2].max() - scene.vertices[:, 2].min())
+    return scene
 
 
 def floor_outline(xy: np.ndarray, faces: np.ndarray) -> np.ndarray | None:
