@@ -17,7 +17,6 @@
 from __future__ import annotations
 
 import os
-import subprocess
 import tempfile
 import time
 from collections.abc import Callable, Mapping
@@ -41,7 +40,7 @@ from interiorfusion_core.registry import get_stage
 from interiorfusion_core.stage import RUN_MARKER, RecordingStore, Stage, StageContext, StageInput, StageResult
 from interiorfusion_core.state import distributed_rank
 from interiorfusion_core.storage import ArtifactStore, open_store
-from interiorfusion_core.tracking import NullTracker, Tracker
+from interiorfusion_core.tracking import GIT_COMMIT_TAG, NullTracker, Tracker, source_tags
 
 # The stage-facing types live in `stage`; they are re-exported here, where stages have always imported them from.
 __all__ = [
@@ -62,15 +61,7 @@ def code_version() -> dict[str, str]:
         for d in distributions()
         if (d.metadata["Name"] or "").startswith("interiorfusion")
     }
-    sha = os.environ.get("INTERIORFUSION_GIT_SHA")
-    if not sha:
-        try:
-            sha = subprocess.run(
-                ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                cwd=Path(__file__).parent,
-            ).stdout.strip()
-        except (OSError, subprocess.SubprocessError):
-            sha = ""
+    sha = source_tags().get(GIT_COMMIT_TAG)  # INTERIORFUSION_GIT_SHA, else this checkout's HEAD (looked up once)
     if sha:
         versions["git"] = sha
     return dict(sorted(versions.items()))
@@ -83,9 +74,7 @@ def stage_spec(stage: str) -> StageSpec:
     return spec if spec is not None else get_stage(stage).spec()
 
 
-def resolve_inputs(spec: StageSpec | type[Stage], inputs: Mapping[str, str]) -> dict[str, StageInput]:
-    if not isinstance(spec, StageSpec):
-        spec = spec.spec()
+def resolve_inputs(spec: StageSpec, inputs: Mapping[str, str]) -> dict[str, StageInput]:
     known = spec.all_inputs
     for name in inputs:
         if name not in known:

@@ -51,12 +51,6 @@ class Phase:
         return self.spec.resolution if self.spec is not None else None
 
 
-def base_lr(config: Any) -> float:
-    """The stage's base lr: `training.lr` where a config keeps it there (the seed's fine-tuning configs), else
-    `optimizer.lr`."""
-    return config.base_lr
-
-
 def plan_phases(training: TrainingConfig, lr: float, lr_factor: float = 1.0) -> list[Phase]:
     if not training.curriculum:
         return [Phase(0, 0, training.max_steps, lr * lr_factor, None)]
@@ -156,7 +150,6 @@ def make_optimizer(groups: Iterable[dict[str, Any]], lr: float, hp: ScaledHyperp
 __all__ = [
     "Phase",
     "ScaledHyperparams",
-    "base_lr",
     "grendel_scaling",
     "lr_at",
     "make_optimizer",
