@@ -9,7 +9,7 @@ PACKAGES := stages/core $(filter-out stages/core,$(patsubst %/pyproject.toml,%,$
 STAMP := $(VENV)/.interiorfusion-installed
 PYTEST_ARGS ?=
 
-.PHONY: setup run test test-fast lint bench bench-readme images clean
+.PHONY: setup run test test-fast lint bench bench-readme quality images clean
 
 setup: $(STAMP)
 
@@ -36,6 +36,10 @@ lint: setup
 
 bench: setup
 	$(BIN)/python -m bench
+
+# Quality runs (configs/quality/): train each suite at its real size and check its held-out targets.
+quality: setup
+	$(BIN)/python -m quality
 
 # README.md's benchmark table := the last full `make bench` run's .interiorfusion/bench/results.md
 bench-readme: setup

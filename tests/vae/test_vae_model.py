@@ -146,3 +146,87 @@ def test_material_term_skips_samples_without_measured_materials() -> None:
     assert not torch.equal(term(material, real)["material_l1"], term(changed_normals, real)["material_l1"])
     assert not torch.equal(term(material, None)["material_l1"], term(changed, None)["material_l1"])
     assert float(term(material, real)["samples_without_materials"]) == 1.0
+
+
+def _labelled_model() -> SLATInteriorVAE:
+    torch.manual_seed(0)
+    return SLATInteriorVAE(latent_dim=4, channels=[8, 8, 16, 16, 16], blocks_per_level=1, backend="torch",
+                           num_classes=5)
+
+
+def test_geometry_outputs_do_not_depend_on_the_material_latent() -> None:
+    """Occupancy, pruning and classes read only the geometry half: bit-identical whatever the material half holds."""
+    occ = _room()
+    model = _labelled_model().eval()
+    with torch.no_grad():
+        mu = model.encode(occ, torch.rand(len(occ), 8))["mu"]
+        outs = []
+        for fill in (mu.feats[:, 4:], torch.zeros_like(mu.feats[:, 4:]), 100 * torch.randn_like(mu.feats[:, 4:])):
+            outs.append(model.decode(mu.replace(torch.cat([mu.feats[:, :4], fill], 1))))
+        alone = model.decode_geometry(mu.replace(mu.feats[:, :4]))
+    for out in outs[1:]:
+        assert torch.equal(out.voxels.coords, outs[0].voxels.coords)
+        assert torch.equal(out.occupancy_logits, outs[0].occupancy_logits)
+        assert torch.equal(out.class_logits, outs[0].class_logits)
+        assert all(torch.equal(a, b) for a, b in zip(out.child_logits, outs[0].child_logits, strict=True))
+        assert not torch.equal(out.material, outs[0].material)  # … while the material half is read
+    assert torch.equal(alone.occupancy_logits, outs[0].occupancy_logits)
+    assert torch.equal(alone.voxels.coords, outs[0].voxels.coords)
+    with pytest.raises(ValueError, match="geometry channels"):
+        model.decode_geometry(mu)
+
+
+def test_pruning_trains_on_its_own_false_proposals() -> None:
+    from interiorfusion_vae.model import union_with_proposals
+
+    truth = torch.tensor([[True, False, False, False, False, False, False, False]] * 2)
+    logits = torch.tensor([[5.0, 4.0, 3.0, 2.0, -1.0, -1.0, -1.0, -1.0]] * 2)
+    kept = union_with_proposals(truth, logits, ratio=1.0)
+    assert (kept & truth).sum() == truth.sum()  # every true child stays
+    assert int((kept & ~truth).sum()) == 2  # at most ratio × true count of false proposals, highest logits first
+    assert kept[:, 1].all() and not kept[:, 2].any()
+    assert torch.equal(union_with_proposals(truth, logits, ratio=0.0), truth)
+
+    occ = _room()
+    model = _labelled_model()
+    enc, forced = model(occ, torch.rand(len(occ), 8))
+    _, joined = model(occ, torch.rand(len(occ), 8), proposals=1.0)
+    # An untrained head proposes false children: the joined decode sees more parents, and those false parents'
+    # pruning targets are all "no child".
+    assert len(joined.parents[1]) > len(forced.parents[1])
+    coords, mask = enc["structure"][1]
+    targets = child_targets(joined.parents[1], coords, mask)
+    false_parents = lookup_rows(joined.parents[1].coords, coords) < 0
+    assert false_parents.any() and not targets[false_parents].any()
+    rows = lookup_rows(occ.coords, joined.voxels.coords)
+    assert (rows >= 0).all()  # teacher forcing still covers the whole truth
+
+
+def test_semantic_term_learns_the_classes() -> None:
+    from interiorfusion_vae.config import VAELossConfig
+    from interiorfusion_vae.losses import vae_losses
+
+    occ = _room()
+    material = torch.rand(len(occ), 8)
+    labels = (occ.coords[:, 3] < 4).long() + 1  # floor-ish slab vs the rest
+    model = _labelled_model()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    batch = {"labels": labels, "has_labels": torch.tensor([True, True])}
+    history = []
+    for _ in range(30):
+        enc, out = model(occ, material)
+        terms = vae_losses(enc, out, occ, material, batch, VAELossConfig(), "mean", render_views=0)
+        opt.zero_grad()
+        terms["loss"].backward()
+        opt.step()
+        history.append(float(terms["semantic"]))
+    # Below the class prior's entropy: the classes are read from the geometry, not only their frequencies.
+    p = torch.bincount(labels).float()
+    p = p[p > 0] / p.sum()
+    assert history[-1] < 0.7 * float(-(p * p.log()).sum()), history
+    # Unlabelled samples are skipped: with no labelled sample the term is zero.
+    with torch.no_grad():
+        enc, out = model(occ, material)
+        none = vae_losses(enc, out, occ, material, {"labels": labels, "has_labels": torch.tensor([False, False])},
+                          VAELossConfig(), "mean", render_views=0)
+    assert float(none["semantic"]) == 0.0

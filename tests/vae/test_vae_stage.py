@@ -50,7 +50,7 @@ def test_manifest_checkpoint_and_latents(smoke: tuple[RunOutcome, str]) -> None:
     assert ckpt == f"checkpoints/step-{SMOKE.training.max_steps:08d}" and f"{ckpt}/model.safetensors" in m.artifacts
     model_key = f"{ckpt}/model.safetensors"
     weights = load_file(str(store.open_local(model_key, m.artifacts[model_key].sha256)))
-    assert any(k.startswith("geometry_encoder.") for k in weights) and "decoder.material_prior" in weights
+    assert any(k.startswith("geometry_encoder.") for k in weights) and "decoder.material.material_prior" in weights
     index = json.loads(store.get_bytes("latents/index.json"))
     compression = 2 ** (len(SMOKE.model.channels) - 1)  # one 2× downsampling between channel levels
     assert index["format"] == "interiorfusion.latents/1"
@@ -99,3 +99,16 @@ def test_held_out_reconstruction_beats_trivial_baselines(smoke: tuple[RunOutcome
     assert report["resolution"] == SMOKE.model.target_resolution
     assert metrics["occupancy_iou"] > 1.3 * metrics["baseline_occupancy_iou"]
     assert metrics["material_l1"] < metrics["baseline_material_l1"]
+    # Every metric beside its baseline on the same voxels, all of them in eval.json and MLflow.
+    for name in ("fscore_1vox", "fscore_2vox", "chamfer_m", "material_l1_roughness"):
+        assert name in metrics and f"baseline_{name}" in metrics, name
+    assert metrics["fscore_1vox"] <= metrics["fscore_2vox"] and metrics["chamfer_m"] > 0
+    assert {"normal_error_signed", "normal_error_unsigned", "semantic_accuracy"} <= set(metrics)
+    assert metrics["normal_error_unsigned"] <= metrics["normal_error_signed"]
+    # Pruning per level: free decoding, its teacher-forced upper bound, and the keep-all-children oracle.
+    levels = report["pruning"]
+    assert len(levels) == len(SMOKE.model.channels) - 1
+    for level in levels.values():
+        assert level["oracle_recall"] == 1.0 and 0 < level["oracle_precision"] < 1
+        assert 0 <= level["free_precision"] <= 1 and 0 <= level["forced_recall"] <= 1
+    assert len(report["per_sample"]) == report["samples"]

@@ -10,7 +10,10 @@
                         normal map (camera frame, flipped towards the camera, hence the sign-free cosine)
     edge_preservation   L1 between Sobel edge maps of rendered and true depth (in the seed's config, missing
                         from its code)
-    pruning             BCE of every early-pruning head against the encoder's own subdivision
+    pruning             BCE of every early-pruning head against the encoder's own subdivision, on the true
+                        parents and on the heads' own false proposals (their targets: no children)
+    semantic            cross-entropy of the geometry branch's class logits on the decoded true voxels of samples
+                        with labels (class "unknown" ignored)
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from interiorfusion_core.sparse import SparseTensor
+from interiorfusion_data.scene import CLASSES
 from interiorfusion_vae.model import DecoderOutput, child_targets, lookup_rows
 from interiorfusion_vae.render import sobel_edges, soft_render
 
@@ -58,6 +62,26 @@ def pruning_bce(out: DecoderOutput, structure: list[tuple[torch.Tensor, torch.Te
         target = child_targets(parents, truth_coords, truth_mask).to(logits.dtype)
         terms.append(F.binary_cross_entropy_with_logits(logits, target))
     return torch.stack(terms).mean() if terms else out.occupancy_logits.sum() * 0
+
+
+UNKNOWN_CLASS = CLASSES.index("unknown")
+
+
+def semantic_ce(out: DecoderOutput, targets: VAETargets, batch: dict[str, Any]) -> torch.Tensor | None:
+    """Cross-entropy of the class logits on decoded voxels that are true voxels of labelled samples; None when the
+    model has no class head or the batch no labels."""
+    if out.class_logits is None or "labels" not in batch:
+        return None
+    hit = targets.material_rows >= 0
+    rows = targets.material_rows[hit]
+    labels = batch["labels"].to(rows.device)[rows].clone()
+    has_labels = batch.get("has_labels")
+    if has_labels is not None:
+        labelled = torch.as_tensor(has_labels, dtype=torch.bool, device=rows.device)
+        labels[~labelled[out.voxels.coords[hit, 0].long()]] = UNKNOWN_CLASS
+    if not bool((labels != UNKNOWN_CLASS).any()):
+        return out.class_logits.sum() * 0
+    return F.cross_entropy(out.class_logits[hit].float(), labels, ignore_index=UNKNOWN_CLASS)
 
 
 def voxel_centres(coords: torch.Tensor, origin: torch.Tensor, voxel_size: torch.Tensor) -> torch.Tensor:
@@ -147,6 +171,7 @@ def vae_losses(
     mu, logvar = enc["mu"], enc["logvar"]
     kl = kl_divergence(mu.feats, logvar.feats, mu.coords[:, 0].long(), mu.batch_size, kl_reduction)
     prune = pruning_bce(out, enc["structure"])
+    semantic = semantic_ce(out, targets, batch)
     # BCE on the final occupancy too: L1 alone has vanishing gradients for confident mistakes.
     occ_bce = F.binary_cross_entropy_with_logits(out.occupancy_logits, targets.occupancy)
     terms = {
@@ -154,6 +179,8 @@ def vae_losses(
         "kl_divergence": kl,
         "pruning": prune + occ_bce,
     }
+    if semantic is not None and loss_cfg.semantic.weight > 0:
+        terms["semantic"] = semantic
     if render_views > 0 and "depth" in batch:
         rendered = render_terms(out, batch, render_views, loss_cfg.depth_consistency.type,
                                 loss_cfg.edge_preservation.type)

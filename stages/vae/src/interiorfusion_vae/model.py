@@ -1,18 +1,24 @@
 """SLAT-Interior sparse VAE: two sparse-conv encoders (geometry, material) with space-to-channel downsampling,
-and one sparse upsampler with channel-to-space shortcuts and early pruning.
+and a two-branch sparse upsampler with channel-to-space shortcuts and early pruning.
 
 Shapes (N = grid resolution, 16× compression = 4 down/up-samplings, L = latent_dim):
 
     occupancy (+ materials) at N ──enc──▶ μ, log σ² at N/16  (geometry latent: L ch, material latent: L ch)
-    [z_geo | z_mat] at N/16 ──dec──▶ N/8 ▶ N/4 ▶ N/2 ▶ N:   per-voxel occupancy logits + 8 material channels
+    z_geo at N/16 ──geometry branch──▶ N/8 ▶ N/4 ▶ N/2 ▶ N:  occupancy logits, class logits (the subdivision)
+    [z_geo | z_mat] ──material branch (same subdivision)──▶ N:  8 material channels per decoded voxel
 
 Design notes (see README "Stage 1"):
-- The geometry encoder sees occupancy only and the material encoder occupancy + materials, so stage 2 can
-  generate geometry latents from image conditions and stage 3 material latents given the geometry.
+- Disentangled latents: the geometry encoder sees occupancy only and the material encoder occupancy +
+  materials; the geometry branch reads only z_geo (occupancy, pruning, classes), the material branch reads both
+  and the geometry branch's (detached) features at every level. So stage 2 can generate and decode geometry
+  latents alone, and stage 3 material latents given the geometry; geometry outputs are bit-identical whatever the
+  material latent holds.
 - Early pruning: before each upsampling a linear head predicts which of the 8 children of every voxel exist.
-  In training the children follow the encoder's own subdivision (teacher forcing, and BCE against it); at
-  inference a child is kept when its logit > 0. At the last upsampling all 8 children of each kept voxel are
-  decoded, so the occupancy logits there are the surface prediction and false positives reach the renderer.
+  In training the children are the encoder's own subdivision (teacher forcing) joined by the heads' own false
+  proposals (`loss.pruning_proposals`), all with BCE against the truth: free decoding's false parents are then
+  seen in training, instead of compounding unseen errors level by level. At inference a child is kept when its
+  logit > 0. At the last upsampling all 8 children of each kept voxel are decoded, so the occupancy logits there
+  are the surface prediction and false positives reach the renderer.
 - "Skip connections" in the seed's upsampler are read as the residual channel-to-space shortcuts inside each
   up-block (TRELLIS.2's SC-VAE). Encoder→decoder U-Net skips would carry information around the latent, which
   a generator cannot provide at sampling time.
@@ -35,7 +41,7 @@ from interiorfusion_core.sparse import (
 )
 
 MATERIAL_CHANNELS = 8  # albedo RGB, metallic, roughness, normal XYZ
-LEVELS = 5  # N, N/2, N/4, N/8, N/16
+LEVELS = 5  # the default: N, N/2, N/4, N/8, N/16 (16× compression); one level per `channels` entry
 
 
 def lookup_rows(query: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
@@ -154,6 +160,21 @@ class SparseEncoder(nn.Module):
 
 
 @dataclass
+class GeometryOutput:
+    """What the geometry branch decodes from the geometry latent alone."""
+
+    # Per upsampling (coarse → fine): the parent tensor (geometry features), its [M, 8] child logits and which
+    # children were decoded.
+    parents: list[SparseTensor]
+    child_logits: list[torch.Tensor]
+    keeps: list[torch.Tensor]
+    # Finest level: every decoded candidate voxel (geometry features), its occupancy and class logits.
+    voxels: SparseTensor
+    occupancy_logits: torch.Tensor
+    class_logits: torch.Tensor | None = None
+
+
+@dataclass
 class DecoderOutput:
     # Per upsampling (coarse → fine): the parent tensor and its [M, 8] child logits.
     parents: list[SparseTensor]
@@ -162,10 +183,30 @@ class DecoderOutput:
     voxels: SparseTensor
     occupancy_logits: torch.Tensor
     material: torch.Tensor
+    class_logits: torch.Tensor | None = None
+    keeps: list[torch.Tensor] | None = None
 
 
-class SparseDecoder(nn.Module):
-    def __init__(self, latent_channels: int, channels: list[int], blocks: int, backend: str | None):
+def union_with_proposals(truth: torch.Tensor, logits: torch.Tensor, ratio: float) -> torch.Tensor:
+    """The true children plus the model's own proposals (logit > 0) that are not true, at most `ratio` × the
+    true count (the highest logits first): training then sees the false parents free decoding produces."""
+    if ratio <= 0:
+        return truth
+    false = (logits > 0) & ~truth
+    budget = int(ratio * int(truth.sum()))
+    if int(false.sum()) > budget:
+        scores = torch.where(false, logits, torch.full_like(logits, -float("inf"))).reshape(-1)
+        top = torch.topk(scores, budget).indices if budget else scores.new_zeros(0, dtype=torch.long)
+        false = torch.zeros_like(false).reshape(-1).index_fill(0, top, True).reshape(false.shape)
+    return truth | false
+
+
+class GeometryDecoder(nn.Module):
+    """Geometry latent → subdivision by early pruning → finest candidates with occupancy and class logits.
+    Reads only the geometry latent, so a generator that produces geometry first can decode it alone."""
+
+    def __init__(self, latent_channels: int, channels: list[int], blocks: int, backend: str | None,
+                 num_classes: int):
         super().__init__()
         coarse_to_fine = list(reversed(channels))
         self.stem = nn.Linear(latent_channels, coarse_to_fine[0])
@@ -177,19 +218,16 @@ class SparseDecoder(nn.Module):
             UpBlock(coarse_to_fine[i], coarse_to_fine[i + 1]) for i in range(len(coarse_to_fine) - 1)
         )
         self.out_norm = SparseGroupNorm(_groups(channels[0]), channels[0])
-        self.material_head = nn.Linear(channels[0], MATERIAL_CHANNELS)
-        # Logit of the dataset's mean albedo/metallic/roughness, added before the sigmoid: the head then learns
-        # deviations from the data prior instead of spending thousands of steps walking its bias there.
-        self.register_buffer("material_prior", torch.zeros(5))
+        self.class_head = nn.Linear(channels[0], num_classes) if num_classes else None
         self.act = nn.SiLU()
 
-    def forward(
-        self, z: SparseTensor, structure: list[tuple[torch.Tensor, torch.Tensor]] | None = None
-    ) -> DecoderOutput:
+    def forward(self, z: SparseTensor, structure: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+                proposals: float = 0.0) -> GeometryOutput:
         """`structure` (coarse → fine: the encoder's parent coords and child masks) teacher-forces the
-        subdivision; None keeps children whose logit > 0. The last upsampling always decodes all 8 children."""
+        subdivision, joined by up to `proposals` × as many of the heads' own false children; None keeps children
+        whose logit > 0. The last upsampling always decodes all 8 children."""
         h = z.replace(self.stem(z.feats))
-        parents, logits = [], []
+        parents, logits, keeps = [], [], []
         n_up = len(self.ups)
         for i in range(n_up):
             h = self.stages[i](h)
@@ -199,20 +237,72 @@ class SparseDecoder(nn.Module):
             if i == n_up - 1:
                 keep = torch.ones_like(child_logits, dtype=torch.bool)
             elif structure is not None:
-                keep = child_targets(h, *structure[i])
+                keep = union_with_proposals(child_targets(h, *structure[i]), child_logits.detach(), proposals)
             else:
                 keep = child_logits > 0
                 # Never let a voxel lose all children at once: an empty scene is not a useful decode.
                 if not bool(keep.any()):
                     keep = child_logits == child_logits.max()
+            keeps.append(keep)
             h = self.ups[i](h, keep)
         h = self.stages[n_up](h)
-        raw = self.material_head(self.act(self.out_norm(h).feats))
-        pbr = torch.sigmoid(raw[:, :5] + self.material_prior)
-        material = torch.cat([pbr, torch.nn.functional.normalize(raw[:, 5:8], dim=1, eps=1e-6)], dim=1)
+        class_logits = None
+        if self.class_head is not None:
+            class_logits = self.class_head(self.act(self.out_norm(h).feats))
         # channel_to_space with an all-true mask emits children parent-major, slot-minor: logits line up.
         occupancy_logits = logits[-1].reshape(-1)
-        return DecoderOutput(parents, logits, h, occupancy_logits, material)
+        return GeometryOutput(parents, logits, keeps, h, occupancy_logits, class_logits)
+
+
+class MaterialDecoder(nn.Module):
+    """Both latents → per-voxel material on the geometry branch's subdivision. At every level the geometry
+    branch's features enter (detached: material losses never move the geometry decoder)."""
+
+    def __init__(self, latent_channels: int, channels: list[int], blocks: int, backend: str | None):
+        super().__init__()
+        coarse_to_fine = list(reversed(channels))
+        self.stem = nn.Linear(latent_channels, coarse_to_fine[0])
+        self.lifts = nn.ModuleList(nn.Linear(c, c) for c in coarse_to_fine)
+        self.stages = nn.ModuleList(
+            nn.Sequential(*[ResBlock(c, backend) for _ in range(blocks)]) for c in coarse_to_fine
+        )
+        self.ups = nn.ModuleList(
+            UpBlock(coarse_to_fine[i], coarse_to_fine[i + 1]) for i in range(len(coarse_to_fine) - 1)
+        )
+        self.out_norm = SparseGroupNorm(_groups(channels[0]), channels[0])
+        self.head = nn.Linear(channels[0], MATERIAL_CHANNELS)
+        # Logit of the dataset's mean albedo/metallic/roughness, added before the sigmoid: the head then learns
+        # deviations from the data prior instead of spending thousands of steps walking its bias there.
+        self.register_buffer("material_prior", torch.zeros(5))
+        self.act = nn.SiLU()
+
+    def forward(self, z: SparseTensor, geometry: GeometryOutput) -> torch.Tensor:
+        h = z.replace(self.stem(z.feats))
+        levels = [*geometry.parents, geometry.voxels]
+        for i, g in enumerate(levels):
+            h = self.stages[i](h.replace(h.feats + self.lifts[i](g.feats.detach())))
+            if i < len(self.ups):
+                h = self.ups[i](h, geometry.keeps[i])
+        raw = self.head(self.act(self.out_norm(h).feats))
+        pbr = torch.sigmoid(raw[:, :5] + self.material_prior)
+        return torch.cat([pbr, torch.nn.functional.normalize(raw[:, 5:8], dim=1, eps=1e-6)], dim=1)
+
+
+class SparseDecoder(nn.Module):
+    """The two branches: geometry (geometry latent only) and material (both latents)."""
+
+    def __init__(self, latent_dim: int, channels: list[int], blocks: int, backend: str | None, num_classes: int):
+        super().__init__()
+        self.latent_dim = latent_dim
+        self.geometry = GeometryDecoder(latent_dim, channels, blocks, backend, num_classes)
+        self.material = MaterialDecoder(2 * latent_dim, channels, blocks, backend)
+
+    def forward(self, z: SparseTensor, structure: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+                proposals: float = 0.0) -> DecoderOutput:
+        geo = self.geometry(z.replace(z.feats[:, : self.latent_dim]), structure, proposals)
+        material = self.material(z, geo)
+        return DecoderOutput(geo.parents, geo.child_logits, geo.voxels, geo.occupancy_logits, material,
+                             geo.class_logits, geo.keeps)
 
 
 class SLATInteriorVAE(nn.Module):
@@ -222,21 +312,23 @@ class SLATInteriorVAE(nn.Module):
         channels: list[int] | None = None,
         blocks_per_level: int = 2,
         backend: str | None = None,
+        num_classes: int = 0,
     ):
         super().__init__()
         channels = channels or [32, 64, 128, 256, 512]
-        if len(channels) != LEVELS:
-            raise ValueError(f"channels must list {LEVELS} widths (N … N/16: 16× compression), got {channels}")
+        if len(channels) < 2:
+            raise ValueError(f"channels must list at least 2 widths (one per level, finest first), got {channels}")
         self.latent_dim = latent_dim
         self.geometry_encoder = SparseEncoder(1, channels, blocks_per_level, latent_dim, backend)
         self.material_encoder = SparseEncoder(1 + MATERIAL_CHANNELS, channels, blocks_per_level, latent_dim, backend)
-        self.decoder = SparseDecoder(2 * latent_dim, channels, blocks_per_level, backend)
+        self.num_classes = num_classes
+        self.decoder = SparseDecoder(latent_dim, channels, blocks_per_level, backend, num_classes)
 
     @torch.no_grad()
     def set_material_prior(self, mean_material: torch.Tensor) -> None:
         """Centre the material head on the data: `mean_material` [8] (albedo, metallic, roughness, normal)."""
-        p = mean_material[:5].to(self.decoder.material_prior).clamp(0.02, 0.98)
-        self.decoder.material_prior.copy_(torch.log(p / (1 - p)))
+        p = mean_material[:5].to(self.decoder.material.material_prior).clamp(0.02, 0.98)
+        self.decoder.material.material_prior.copy_(torch.log(p / (1 - p)))
 
     def encode(self, occupancy: SparseTensor, material: torch.Tensor) -> dict[str, object]:
         """occupancy: the surface voxels (features ignored); material [N, 8] aligned with its rows."""
@@ -254,13 +346,25 @@ class SLATInteriorVAE(nn.Module):
         eps = torch.randn(mu.feats.shape, generator=generator, dtype=mu.feats.dtype, device=mu.feats.device)
         return mu.replace(mu.feats + torch.exp(0.5 * logvar.feats) * eps)
 
-    def forward(self, occupancy: SparseTensor, material: torch.Tensor) -> tuple[dict[str, object], DecoderOutput]:
-        """Training pass: encode, sample z (μ in eval mode), decode teacher-forced on the true subdivision."""
+    def forward(self, occupancy: SparseTensor, material: torch.Tensor, proposals: float = 0.0
+                ) -> tuple[dict[str, object], DecoderOutput]:
+        """Training pass: encode, sample z (μ in eval mode), decode on the true subdivision (joined by up to
+        `proposals` × as many of the pruning heads' own false children)."""
         enc = self.encode(occupancy, material)
         z = self.sample(enc["mu"], enc["logvar"]) if self.training else enc["mu"]  # type: ignore[arg-type]
-        return enc, self.decode(z, enc["structure"])  # type: ignore[arg-type]
+        return enc, self.decode(z, enc["structure"], proposals)  # type: ignore[arg-type]
 
-    def decode(
-        self, z: SparseTensor, structure: list[tuple[torch.Tensor, torch.Tensor]] | None = None
-    ) -> DecoderOutput:
-        return self.decoder(z, structure)
+    def decode(self, z: SparseTensor, structure: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+               proposals: float = 0.0) -> DecoderOutput:
+        """Full latent [geometry | material channels] → geometry, classes and materials."""
+        if z.num_channels != 2 * self.latent_dim:
+            raise ValueError(f"decode takes {2 * self.latent_dim} latent channels (geometry | material), "
+                             f"got {z.num_channels}")
+        return self.decoder(z, structure, proposals)
+
+    def decode_geometry(self, z_geo: SparseTensor,
+                        structure: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> GeometryOutput:
+        """Geometry latent alone → occupancy and classes (what a geometry-first generator can decode)."""
+        if z_geo.num_channels != self.latent_dim:
+            raise ValueError(f"decode_geometry takes the {self.latent_dim} geometry channels, got {z_geo.num_channels}")
+        return self.decoder.geometry(z_geo, structure)

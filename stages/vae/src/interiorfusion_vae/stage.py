@@ -16,7 +16,7 @@ from interiorfusion_core.engine import Trainer
 from interiorfusion_core.errors import UserError
 from interiorfusion_data.loader import open_dataset
 from interiorfusion_vae.config import VAEPretrainConfig
-from interiorfusion_vae.evaluate import evaluate_samples, preview, summarize
+from interiorfusion_vae.evaluate import class_prior, evaluate_samples, preview, summarize
 from interiorfusion_vae.latents import encode_dataset
 from interiorfusion_vae.model import SLATInteriorVAE
 from interiorfusion_vae.task import VAETask, build_vae, mean_material
@@ -44,7 +44,8 @@ class VAEStage(Stage):
             held = open_dataset(data_uri, config.encode.eval_split)
             indices = list(range(min(len(held), config.encode.eval_samples)))
             records = evaluate_samples(model, data_uri, config, resolution, indices,
-                                       mean_material(data_uri, resolution))
+                                       mean_material(data_uri, resolution),
+                                       majority_class=class_prior(data_uri, resolution))
             report = summarize(records, config, resolution)
             ctx.output.put_json("eval.json", report)
             metrics |= {f"heldout_{k}": v for k, v in report["metrics"].items()}

@@ -10,11 +10,14 @@ from torch import nn
 
 from interiorfusion_core.config.base import CurriculumPhase
 from interiorfusion_core.engine import TrainTask, register_model_builder
+from interiorfusion_core.engine.distributed import unwrap
+from interiorfusion_core.engine.step import StepContext
 from interiorfusion_core.sparse import SparseTensor
 from interiorfusion_data.loader import SceneLoader, open_dataset
+from interiorfusion_data.scene import CLASSES
 from interiorfusion_vae.config import VAEPretrainConfig
 from interiorfusion_vae.losses import vae_losses
-from interiorfusion_vae.model import SLATInteriorVAE
+from interiorfusion_vae.model import SLATInteriorVAE, lookup_rows
 
 FIELDS = ("voxels", "views")
 
@@ -22,7 +25,7 @@ FIELDS = ("voxels", "views")
 def build_vae(config: VAEPretrainConfig) -> SLATInteriorVAE:
     m = config.model
     backend = None if m.sparse_backend == "auto" else m.sparse_backend
-    return SLATInteriorVAE(m.latent_dim, list(m.channels), m.blocks_per_level, backend)
+    return SLATInteriorVAE(m.latent_dim, list(m.channels), m.blocks_per_level, backend, num_classes=len(CLASSES))
 
 
 # Surface voxels of an interior at resolution N grow like its area: ≈ 4·N² (measured on the procedural rooms:
@@ -88,6 +91,7 @@ class VAETask(TrainTask):
         self.config = config
         self.data_uri = data_uri
         self.resolution = config.first_resolution
+        self.step = 0
 
     def build_model(self, config: Any) -> nn.Module:
         model = build_vae(config)
@@ -117,9 +121,36 @@ class VAETask(TrainTask):
             return None
         return self._loader(self.config.encode.eval_split, self.resolution, rank, world_size, seed=0, shuffle=False)
 
+    def train_step(self, step: StepContext) -> Mapping[str, torch.Tensor]:
+        self.step = step.step
+        return super().train_step(step)
+
+    def proposal_ratio(self) -> float:
+        """Own false proposals per true child at the current step (the linear ramp of `loss.pruning_proposals`)."""
+        cfg, total = self.config.loss, self.config.training.max_steps
+        start = cfg.pruning_proposals_start * total
+        if self.step <= start or cfg.pruning_proposals <= 0:
+            return 0.0
+        return cfg.pruning_proposals * min(1.0, (self.step - start) / max(total - start, 1))
+
     def compute_losses(self, model: nn.Module, batch: Any) -> Mapping[str, torch.Tensor]:
         occ, material = sparse_batch(batch)
-        enc, out = model(occ, material)
+        proposals = self.proposal_ratio() if model.training else 0.0
+        enc, out = model(occ, material, proposals=proposals)
+        losses = dict(self._losses(enc, out, occ, material, batch))
+        if not model.training:
+            # Validation also decodes freely (the heads' own pruning): teacher-forced losses cannot show the
+            # errors that compound level by level when the decoder follows its own proposals.
+            with torch.no_grad():
+                free = unwrap(model).decode(enc["mu"])
+                keep = free.occupancy_logits > 0
+                hit = int((lookup_rows(free.voxels.coords[keep], occ.coords) >= 0).sum())
+                union = int(keep.sum()) + len(occ) - hit
+                losses["free_decode_iou"] = torch.tensor(hit / max(union, 1), device=out.occupancy_logits.device)
+        return losses
+
+    def _losses(self, enc: Any, out: Any, occ: SparseTensor, material: torch.Tensor,
+                batch: Any) -> Mapping[str, torch.Tensor]:
         return vae_losses(enc, out, occ, material, batch, self.config.loss, self.config.loss.kl_reduction,
                           self.config.loss.render_views)
 

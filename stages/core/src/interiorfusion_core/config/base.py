@@ -169,6 +169,12 @@ class BCETerm(LossTerm):
     type: Literal["bce"] = "bce"
 
 
+class CrossEntropyTerm(LossTerm):
+    """Cross-entropy of per-element class logits (semantic classes)."""
+
+    type: Literal["cross_entropy"] = "cross_entropy"
+
+
 class PerceptualTerm(LossTerm):
     """LPIPS (the `lpips` package) with the named backbone."""
 
