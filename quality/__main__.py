@@ -117,11 +117,12 @@ def loss_curve(uri: str) -> list[list[float]]:
         from mlflow.tracking import MlflowClient
 
         from interiorfusion_core.manifest import read_manifest
+        from interiorfusion_core.tracking import tracking_uri
 
         run_id = read_manifest(uri).mlflow_run_id
         if not run_id:
             return []
-        history = MlflowClient().get_metric_history(run_id, "train/loss")
+        history = MlflowClient(tracking_uri()).get_metric_history(run_id, "train/loss")
         return [[m.step, round(m.value, 5)] for m in sorted(history, key=lambda m: m.step)]
     except Exception:  # the curve is a convenience; the report is what is checked
         return []
