@@ -290,6 +290,18 @@ def test_only_the_configured_splits_are_kept_but_statistics_come_from_train(smal
     assert not any("/train/" in k for k in out.list("latents"))
 
 
+@pytest.mark.servers
+def test_written_to_and_read_from_s3(small: dict[str, Any], s3_env: str, tmp_path: Path) -> None:
+    config: VAEPretrainConfig = load_config(SMOKE, [*SMALL, "encode.resolutions=[32]", "encode.splits=[val]"]).model
+    encode_dataset(open_store(s3_env), small["model"], small["data"], config, work_dir=tmp_path)
+    remote = open_latents(s3_env, "val", 32, require_manifest=False)  # shard indexes, then one ranged GET per sample
+    local = _open(small, "val", 32)
+    assert remote.keys == local.keys and remote.token_counts().tolist() == local.token_counts().tolist()
+    for i in range(len(local)):
+        assert torch.equal(remote[i]["coords"], local[i]["coords"]) and torch.equal(remote[i]["feats"],
+                                                                                     local[i]["feats"])
+
+
 # ---------------------------------------------------------------------------------------------- decoding
 def test_decode_takes_what_the_dataset_yields(small: dict[str, Any]) -> None:
     model: SLATInteriorVAE = small["model"]
