@@ -467,7 +467,7 @@ class LatentDataset(torch.utils.data.Dataset):
         self._positions = {r.key: i for i, r in enumerate(refs)}
 
     @classmethod
-    def open(cls, source: str | ArtifactStore | StageInput, split: str = "train", resolution: int | None = None,
+    def open(cls, source: str | Path | ArtifactStore | StageInput, split: str = "train", resolution: int | None = None,
              *, normalized: bool = True, require_manifest: bool = True) -> LatentDataset:
         return open_latents(source, split, resolution, normalized=normalized, require_manifest=require_manifest)
 
@@ -663,16 +663,16 @@ class TokenBudgetBatchSampler:
         return n // self.world_size if self.world_size > 1 else n
 
 
-def open_latents(source: str | ArtifactStore | StageInput, split: str = "train", resolution: int | None = None,
+def open_latents(source: str | Path | ArtifactStore | StageInput, split: str = "train", resolution: int | None = None,
                  *, normalized: bool = True, require_manifest: bool = True) -> LatentDataset:
-    """One split at one resolution (default: the VAE's target resolution) of a VAE stage output: its URI, store,
-    or the StageInput a downstream stage got. Every file read is verified against the sha256 the manifest (or the
+    """One split at one resolution (default: the VAE's target resolution) of a VAE stage output: its URI (or path),
+    store, or the StageInput a downstream stage got. Every file read is verified against the sha256 the manifest (or the
     index) recorded; `require_manifest=False` also opens latents written outside a stage run."""
     manifest: Manifest | None
     if isinstance(source, StageInput):
         store, manifest = source.store, source.manifest
     else:
-        store = open_store(source) if isinstance(source, str) else source
+        store = source if isinstance(source, ArtifactStore) else open_store(source)
         manifest = read_manifest(store) if require_manifest else try_read_manifest(store)
     artifacts: dict[str, str] = {}
     key = INDEX_KEY
