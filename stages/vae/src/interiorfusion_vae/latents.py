@@ -545,7 +545,11 @@ class LatentDataset(torch.utils.data.Dataset):
 
     def _with_views(self, sample: dict[str, Any]) -> dict[str, Any]:
         L = self.latent_dim
-        sample["geometry"], sample["material"] = sample["feats"][:, :L], sample["feats"][:, L:]
+        if sample["feats"].shape[1] == 2 * L:
+            sample["geometry"], sample["material"] = sample["feats"][:, :L], sample["feats"][:, L:]
+        else:  # one half only (a generator's output): no views that would mislabel it
+            sample.pop("geometry", None)
+            sample.pop("material", None)
         return sample
 
     def collate(self, indices: Sequence[int]) -> dict[str, Any]:
