@@ -29,7 +29,7 @@ from interiorfusion_core.storage import open_store
 from interiorfusion_data.format import SampleError
 from interiorfusion_data.loader import open_dataset
 from interiorfusion_vae.config import VAEPretrainConfig
-from interiorfusion_vae.evaluate import evaluate_samples
+from interiorfusion_vae.evaluate import class_prior, evaluate_samples
 from interiorfusion_vae.latents import (
     LATENT_FORMAT,
     LatentDataset,
@@ -327,8 +327,6 @@ def test_decode_takes_what_the_dataset_yields(small: dict[str, Any]) -> None:
         decode(model, {**raw[0], "feats": raw[0]["geometry"]})
 
 
-@pytest.mark.xfail(not hasattr(SLATInteriorVAE, "decode_geometry"), strict=True,
-                   reason="SLATInteriorVAE.decode_geometry (geometry channels alone) lands with the model change")
 def test_decode_geometry_takes_geometry_latents(small: dict[str, Any]) -> None:
     model: SLATInteriorVAE = small["model"]
     raw = _open(small, "val", normalized=False)
@@ -421,6 +419,7 @@ def test_two_processes_encode_the_same_latents_as_one(smoke_data: str, tmp_path:
     held = len(open_dataset(smoke_data, config.encode.eval_split))
     indices = list(range(min(held, config.encode.eval_samples)))
     assert [r["index"] for r in report["per_sample"]] == indices
-    prior = mean_material(smoke_data, config.model.target_resolution)
-    assert report["per_sample"] == evaluate_samples(model, smoke_data, config, config.model.target_resolution,
-                                                    indices, prior)
+    res = config.model.target_resolution
+    assert report["per_sample"] == evaluate_samples(model, smoke_data, config, res, indices,
+                                                    mean_material(smoke_data, res),
+                                                    majority_class=class_prior(smoke_data, res))

@@ -46,7 +46,7 @@ from interiorfusion_vae.config import VAEPretrainConfig
 from interiorfusion_vae.task import sparse_batch
 
 if TYPE_CHECKING:
-    from interiorfusion_vae.model import DecoderOutput, SLATInteriorVAE
+    from interiorfusion_vae.model import DecoderOutput, GeometryOutput, SLATInteriorVAE
 
 log = logging.getLogger("interiorfusion_vae")
 
@@ -804,7 +804,7 @@ def decode(model: SLATInteriorVAE, latents: Mapping[str, Any] | SparseTensor,
 
 
 def decode_geometry(model: SLATInteriorVAE, geometry_latents: Mapping[str, Any] | SparseTensor,
-                    structure: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> DecoderOutput:
+                    structure: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> GeometryOutput:
     """Decode geometry latents alone (what the structure DiT generates: L channels; a full 2L sample or batch is
     cut to its geometry half) with `SLATInteriorVAE.decode_geometry`."""
     L = int(model.latent_dim)
