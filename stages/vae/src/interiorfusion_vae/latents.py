@@ -279,12 +279,14 @@ def _clear(output: ArtifactStore) -> None:
 
 @torch.no_grad()
 def encode_dataset(output: ArtifactStore, model: SLATInteriorVAE, data_uri: str, config: VAEPretrainConfig, *,
-                   work_dir: Path, rt: Runtime | None = None, device: torch.device | str = "cpu") -> EncodeResult:
+                   work_dir: Path, rt: Runtime | None = None, device: torch.device | str | None = None
+                   ) -> EncodeResult:
     """Geometry and material latents (μ) of every sample of every `encode.splits` split at every
     `encode.resolutions` resolution. A collective under a launcher: rank r encodes samples r, r + W, ... of each
-    split on `device` and writes its own shards; after they all finish, rank 0 merges the statistics, adds every
-    rank's files to the manifest record and writes index.json (the commit point). Train-split samples always feed
-    the normalisation statistics, also when the train split's latents are not kept."""
+    split on `device` (default: the model's) and writes its own shards; after they all finish, rank 0 merges the
+    statistics, adds every rank's files to the manifest record and writes index.json (the commit point).
+    Train-split samples always feed the normalisation statistics, also when the train split's latents are not
+    kept."""
     rank, world = (rt.rank, rt.world_size) if rt is not None else (0, 1)
     resolutions = encode_resolutions(config)
     keep = list(dict.fromkeys(config.encode.splits))
@@ -356,13 +358,15 @@ def encode_dataset(output: ArtifactStore, model: SLATInteriorVAE, data_uri: str,
     return EncodeResult(INDEX_KEY, metrics)
 
 
-def encode_sample(model: SLATInteriorVAE, sample: Mapping[str, Any], device: torch.device | str = "cpu"
+def encode_sample(model: SLATInteriorVAE, sample: Mapping[str, Any], device: torch.device | str | None = None
                   ) -> SparseTensor:
-    """μ (geometry | material channels) of one decoded data sample, one sample per call: its latents then do not
-    depend on which rank or batch encoded it."""
+    """μ (geometry | material channels) of one decoded data sample, on `device` (default: the model's) in the
+    model's dtype. One sample per call: its latents then do not depend on which rank or batch encoded it."""
+    param = next(model.parameters())
+    device = param.device if device is None else device
     batch = collate_scenes([dict(sample)])
     batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-    occ, material = sparse_batch(batch)
+    occ, material = sparse_batch(batch, param.dtype)
     return model.encode(occ, material)["mu"]  # type: ignore[return-value]
 
 
