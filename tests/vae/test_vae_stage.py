@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from testservers import REPO
 
 from interiorfusion_core.config import load_config
-from interiorfusion_core.contract import RunOutcome, run_stage
+from interiorfusion_core.contract import RunOutcome
 from interiorfusion_core.manifest import read_manifest
 from interiorfusion_core.storage import open_store
 
@@ -35,11 +35,8 @@ def phase_spans() -> list[tuple[int, int]]:
 
 
 @pytest.fixture(scope="module")
-def smoke(tmp_path_factory: pytest.TempPathFactory) -> tuple[RunOutcome, str]:
-    root = tmp_path_factory.mktemp("vae-smoke")
-    data = run_stage("data", REPO / "configs/smoke/data.yaml", output=(root / "data").as_uri())
-    vae = run_stage("vae", REPO / "configs/smoke/vae.yaml", inputs={"data": data.uri}, output=(root / "vae").as_uri())
-    return vae, data.uri
+def smoke(vae_smoke: tuple[RunOutcome, str]) -> tuple[RunOutcome, str]:
+    return vae_smoke  # one training per session, shared with test_vae_latents (tests/vae/conftest.py)
 
 
 def test_manifest_checkpoint_and_latents(smoke: tuple[RunOutcome, str]) -> None:
@@ -51,20 +48,26 @@ def test_manifest_checkpoint_and_latents(smoke: tuple[RunOutcome, str]) -> None:
     model_key = f"{ckpt}/model.safetensors"
     weights = load_file(str(store.open_local(model_key, m.artifacts[model_key].sha256)))
     assert any(k.startswith("geometry_encoder.") for k in weights) and "decoder.material.material_prior" in weights
+    assert m.outputs["latents"] == "latents/index.json"
     index = json.loads(store.get_bytes("latents/index.json"))
     compression = 2 ** (len(SMOKE.model.channels) - 1)  # one 2× downsampling between channel levels
-    assert index["format"] == "interiorfusion.latents/1"
-    assert index["latent_resolution"] == SMOKE.model.target_resolution // compression
-    assert index["latent_dim"] == SMOKE.model.latent_dim
+    assert index["format"] == "interiorfusion.latents/2"
+    assert index["latent_dim"] == SMOKE.model.latent_dim and index["compression"] == compression
+    # Latents at every resolution of the curriculum (32³ → 64³), each on its own latent grid.
+    assert sorted(index["resolutions"]) == ["32", "64"] == [str(p.resolution) for p in SMOKE.training.curriculum]
     data_index = json.loads(open_store(data_uri).get_bytes("dataset.json"))
-    for split, info in index["splits"].items():
-        assert info["samples"] == data_index["splits"][split]["num_samples"]
-        shard = info["shards"][0]
-        tensors = load_file(str(store.open_local(shard["shard"], m.artifacts[shard["shard"]].sha256)))
-        keys = json.loads(store.get_bytes(shard["keys"]))["keys"]
-        assert len(keys) == len(tensors["counts"]) == shard["samples"]
-        assert tensors["mu"].shape == (int(tensors["counts"].sum()), 2 * index["latent_dim"])
-        assert int(tensors["coords"].max()) < index["latent_resolution"]
+    for res, entry in index["resolutions"].items():
+        assert entry["latent_resolution"] == int(res) // compression
+        for split, info in entry["splits"].items():
+            assert info["samples"] == data_index["splits"][split]["num_samples"]
+            for shard in info["shards"]:
+                assert m.artifacts[shard["shard"]].sha256 == shard["shard_sha256"]
+                assert m.artifacts[shard["index"]].sha256 == shard["index_sha256"]
+                tensors = load_file(str(store.open_local(shard["shard"], shard["shard_sha256"])))
+                assert len(tensors) == 2 * shard["samples"]  # p.coords and p.feats per sample
+                coords = [t for k, t in tensors.items() if k.endswith(".coords")]
+                assert max(int(c.max()) for c in coords) < entry["latent_resolution"]
+                assert all(t.shape[1] == 2 * index["latent_dim"] for k, t in tensors.items() if k.endswith(".feats"))
 
 
 def test_loss_and_pruning_fall_and_mlflow_has_the_run(smoke: tuple[RunOutcome, str]) -> None:

@@ -45,6 +45,12 @@ class RecordingStore(ArtifactStore):
         self.record[full.key] = full
         return info
 
+    def remember(self, info: ObjectInfo) -> ObjectInfo:
+        """Add an object another process wrote (a rank's shard, with the size and sha256 its put returned) to the
+        manifest. Rank 0 alone writes the manifest, so the other ranks report what they wrote instead of rank 0
+        listing the prefix, which could also pick up leftovers of an interrupted attempt."""
+        return self._remember(info)
+
     def put_file(self, key: str, path: str | Path) -> ObjectInfo:
         return self._remember(self.inner.put_file(key, path))
 

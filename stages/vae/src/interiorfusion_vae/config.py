@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import ClassVar, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from interiorfusion_core.config.base import (
     BCETerm,
@@ -98,14 +98,30 @@ class VAELossConfig(Strict):
 
 
 class VAEEncodeConfig(Strict):
-    """The encode job that runs after training: latents of the whole dataset for stages 2–3."""
+    """The encode job that runs after training: latents of the whole dataset for stages 2–3 (docs/latents.md)."""
 
     enabled: bool = True
     splits: list[Literal["train", "val", "test"]] = Field(default_factory=lambda: ["train", "val", "test"])
+    # Voxel grids to encode, each with its own latents and normalisation statistics: a downstream curriculum trains
+    # on several. Unset: every resolution of training.curriculum plus model.target_resolution (filled in by
+    # VAEPretrainConfig, so the resolved config shows the list).
+    resolutions: list[int] | None = Field(default=None, min_length=1)
     samples_per_shard: PositiveInt = 256
     # Held-out split used for the reconstruction metrics (occupancy IoU, material L1) and the preview.
     eval_split: Literal["train", "val", "test"] = "val"
     eval_samples: PositiveInt = 8
+
+    @field_validator("resolutions")
+    @classmethod
+    def _each_resolution(cls, values: list[int] | None) -> list[int] | None:
+        if values is None:
+            return None
+        for res in values:
+            check_resolution(res)
+        repeated = sorted({r for r in values if values.count(r) > 1})
+        if repeated:
+            raise ValueError(f"{', '.join(map(str, repeated))} listed more than once")
+        return sorted(values)
 
 
 class VAEPretrainConfig(TrainableStageConfig):
@@ -141,6 +157,20 @@ class VAEPretrainConfig(TrainableStageConfig):
         elif m.base_resolution is not None and m.base_resolution != m.target_resolution:
             raise ValueError(f"model.base_resolution {m.base_resolution} differs from target_resolution "
                              f"{m.target_resolution} but there is no training.curriculum to grow from one to the other")
+        return self
+
+    @model_validator(mode="after")
+    def _encode_resolutions(self) -> VAEPretrainConfig:
+        m, enc = self.model, self.encode
+        if enc.resolutions is None:
+            enc.resolutions = sorted({p.resolution for p in self.training.curriculum} | {m.target_resolution})
+        for i, res in enumerate(enc.resolutions):
+            if res % m.compression or res // m.compression < 2:
+                raise ValueError(
+                    f"encode.resolutions.{i}: {res} must be a multiple of the VAE's {m.compression}× compression "
+                    f"with a latent grid of at least 2³ ({res} / {m.compression} = {res / m.compression:g}); encode "
+                    f"at {2 * m.compression} or more"
+                )
         return self
 
     @property

@@ -2,22 +2,31 @@
 
 Outputs (under the stage's output prefix):
     checkpoints/step-XXXXXXXX/   the engine's checkpoints; the last holds a single-file model.safetensors
-    latents/<split>/shard-NNNNNN.safetensors + .json   geometry and material latents (μ) with coordinates
-    latents/index.json           splits, shards, latent layout
+    latents/<N>/<split>/shard-rRRRRR-NNNNN.safetensors + .json   geometry and material latents (μ) with coordinates,
+                                 per encode resolution N, one set of shards per rank (docs/latents.md)
+    latents/index.json           resolutions, normalisation statistics, splits, shards, the join to the data
     eval.json                    held-out occupancy IoU and material L1, with the trivial baselines
+
+After training, every rank loads the trained weights onto the training device; evaluation and encoding are
+sharded across the ranks (rank r takes samples r, r + W, ...), rank 0 reduces and writes the reports.
 """
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
+from typing import Any
+
+import torch
 
 from interiorfusion_core.contract import Stage, StageContext, StageResult
 from interiorfusion_core.engine import Trainer
+from interiorfusion_core.engine.distributed import Runtime, broadcast_object, gather_objects
 from interiorfusion_core.errors import UserError
 from interiorfusion_data.loader import open_dataset
 from interiorfusion_vae.config import VAEPretrainConfig
 from interiorfusion_vae.evaluate import class_prior, evaluate_samples, preview, summarize
-from interiorfusion_vae.latents import encode_dataset
+from interiorfusion_vae.latents import check_data_resolutions, encode_dataset
 from interiorfusion_vae.model import SLATInteriorVAE
 from interiorfusion_vae.task import VAETask, build_vae, mean_material
 
@@ -35,25 +44,46 @@ class VAEStage(Stage):
                 "weights ZeRO-3 cannot re-gather for backward); launch it with configs/accelerate_deepspeed_zero2.yaml"
             )
         data_uri = ctx.inputs["data"].uri
-        result = Trainer(ctx, VAETask(config, data_uri)).fit()
+        if config.encode.enabled:
+            check_data_resolutions(data_uri, config)  # a resolution the data lacks fails now, not after training
+        trainer = Trainer(ctx, VAETask(config, data_uri))
+        result = trainer.fit()
         metrics = dict(result.metrics)
         outputs = {"checkpoint": result.checkpoint}
-        if ctx.is_main:
-            model = load_trained(ctx, result.checkpoint, config)
-            resolution = final_resolution(config)
-            held = open_dataset(data_uri, config.encode.eval_split)
-            indices = list(range(min(len(held), config.encode.eval_samples)))
-            records = evaluate_samples(model, data_uri, config, resolution, indices,
-                                       mean_material(data_uri, resolution),
-                                       majority_class=class_prior(data_uri, resolution))
-            report = summarize(records, config, resolution)
+        rt = trainer.rt  # accelerate's rank, world size and device: the ones training ran on
+        model = load_trained(ctx, result.checkpoint, config, rt.device)
+        resolution = final_resolution(config)
+        report = held_out_report(model, data_uri, config, resolution, rt)
+        if report is not None:
             ctx.output.put_json("eval.json", report)
             metrics |= {f"heldout_{k}": v for k, v in report["metrics"].items()}
             ctx.tracker.log_metrics({f"heldout/{k}": v for k, v in report["metrics"].items()}, step=result.step)
-            ctx.tracker.log_image(preview(model, data_uri, config, resolution), "vae_reconstruction.png")
-            if config.encode.enabled:
-                outputs["latents"] = encode_dataset(ctx, model, data_uri, config, resolution)
+            if report["samples"]:
+                ctx.tracker.log_image(preview(model, data_uri, config, resolution, rt.device),
+                                      "vae_reconstruction.png")
+        if config.encode.enabled:
+            encoded = encode_dataset(ctx.output, model, data_uri, config, work_dir=ctx.work_dir, rt=rt,
+                                     device=rt.device)
+            outputs["latents"] = encoded.index
+            metrics |= encoded.metrics
+            if rt.is_main:
+                ctx.tracker.log_metrics({f"encode/{k}": v for k, v in encoded.metrics.items()}, step=result.step)
         return StageResult(metrics=metrics, outputs=outputs)
+
+
+def held_out_report(model: SLATInteriorVAE, data_uri: str, config: VAEPretrainConfig, resolution: int,
+                    rt: Runtime) -> dict[str, Any] | None:
+    """Held-out reconstruction, sharded: rank r scores samples r, r + W, ...; rank 0 gets the eval.json report
+    (None on the other ranks). A collective: every rank calls it."""
+    held = open_dataset(data_uri, config.encode.eval_split)
+    indices = list(range(min(len(held), config.encode.eval_samples)))
+    # One rank reads the training samples for the baselines (mean material, majority class); the others get them.
+    prior, majority = broadcast_object(
+        (mean_material(data_uri, resolution).tolist(), class_prior(data_uri, resolution)) if rt.is_main else None, rt)
+    records = evaluate_samples(model, data_uri, config, resolution, indices[rt.rank::rt.world_size],
+                               torch.tensor(prior, dtype=torch.float32), rt.device, majority_class=majority)
+    everyone = gather_objects(records, rt)
+    return summarize([r for rank in everyone for r in rank], config, resolution) if rt.is_main else None
 
 
 def final_resolution(config: VAEPretrainConfig) -> int:
@@ -61,10 +91,15 @@ def final_resolution(config: VAEPretrainConfig) -> int:
     return config.model.target_resolution
 
 
-def load_trained(ctx: StageContext, checkpoint: str, config: VAEPretrainConfig) -> SLATInteriorVAE:
+def load_trained(ctx: StageContext, checkpoint: str, config: VAEPretrainConfig,
+                 device: torch.device | str = "cpu") -> SLATInteriorVAE:
+    """The trained weights (the Trainer's single-file model.safetensors) in eval mode on `device`."""
     from safetensors.torch import load_file
 
-    path = ctx.output.open_local(f"{checkpoint}/model.safetensors")
+    # Each rank downloads into its own work dir: open_local's cache is shared by every process on a node and keyed
+    # by URI, so ranks would race on one file and a --force rerun could find the previous run's weights there.
+    path = ctx.output.get_file(f"{checkpoint}/model.safetensors", Path(ctx.work_dir) / "model.safetensors")
     model = build_vae(config)
     model.load_state_dict(load_file(str(path)))
-    return model.eval()
+    path.unlink(missing_ok=True)
+    return model.to(device).eval()

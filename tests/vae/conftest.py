@@ -1,0 +1,25 @@
+"""Stage outputs the VAE tests share: the smoke data (seconds) and one trained smoke VAE (about two minutes on two
+cores), each made once per test session whichever VAE test modules use them."""
+
+from __future__ import annotations
+
+import pytest
+from testservers import REPO
+
+from interiorfusion_core.contract import RunOutcome, run_stage
+
+
+@pytest.fixture(scope="session")
+def smoke_data(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """URI of the smoke data stage's output (12 procedural rooms at 32³ and 64³)."""
+    root = tmp_path_factory.mktemp("vae-smoke-data")
+    return run_stage("data", REPO / "configs/smoke/data.yaml", output=(root / "data").as_uri()).uri
+
+
+@pytest.fixture(scope="session")
+def vae_smoke(smoke_data: str, tmp_path_factory: pytest.TempPathFactory) -> tuple[RunOutcome, str]:
+    """The smoke VAE stage trained on `smoke_data`: (its outcome, the data URI)."""
+    root = tmp_path_factory.mktemp("vae-smoke")
+    vae = run_stage("vae", REPO / "configs/smoke/vae.yaml", inputs={"data": smoke_data},
+                    output=(root / "vae").as_uri())
+    return vae, smoke_data
