@@ -16,7 +16,10 @@ from .tensor import SparseTensor, _triple
 
 
 class _ConvBase(nn.Module):
-    """Holds the canonical weight [K, Cin, Cout] (see `layout`) and an optional bias [Cout]."""
+    """Holds the canonical weight [K, Cin, Cout] (see `layout`) and an optional bias [Cout]. `zero_init` starts the
+    weight at zero (a residual branch that starts as the identity): set here rather than by the parent, because
+    under `deepspeed.zero.Init` a layer's parameters are partitioned when its own constructor returns, and an
+    in-place init done later by the parent would touch an empty tensor."""
 
     def __init__(
         self,
@@ -26,6 +29,7 @@ class _ConvBase(nn.Module):
         bias: bool,
         backend: str | None,
         fan_in_divisor: int = 1,
+        zero_init: bool = False,
     ) -> None:
         super().__init__()
         self.in_channels = in_channels
@@ -40,6 +44,8 @@ class _ConvBase(nn.Module):
         nn.init.uniform_(self.weight, -bound, bound)
         if self.bias is not None:
             nn.init.uniform_(self.bias, -bound, bound)
+        if zero_init:  # after the draw, so every later parameter's initial value is the same either way
+            nn.init.zeros_(self.weight)
 
     def _params(self, x: SparseTensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         w = self.weight.to(x.feats.dtype)
@@ -63,8 +69,9 @@ class SubMConv3d(_ConvBase):
         kernel_size: int | Sequence[int] = 3,
         bias: bool = True,
         backend: str | None = None,
+        zero_init: bool = False,
     ) -> None:
-        super().__init__(in_channels, out_channels, kernel_size, bias, backend)
+        super().__init__(in_channels, out_channels, kernel_size, bias, backend, zero_init=zero_init)
         if any(k % 2 == 0 for k in self.kernel_size):
             raise ValueError(f"SubMConv3d needs odd kernel sizes, got {self.kernel_size}")
 
