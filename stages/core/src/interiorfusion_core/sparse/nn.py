@@ -32,7 +32,7 @@ class SparseModule(nn.Module):
     its internals; plain tensors at the module boundary are what every hook-based wrapper (ZeRO-3, FSDP, forward
     hooks) understands. So `__call__` unpacks: `forward(feats, sparse=x, **kwargs)` receives the features
     positionally and the SparseTensor (coordinates, neighbour maps) and any other SparseTensor argument by
-    keyword (forward pre-hooks see positional inputs only), and returns the output features; `prepare` names
+    keyword (DeepSpeed's forward pre-hooks see positional inputs only), and returns the output features; `prepare` names
     the coordinate set they lie on (the input's, by default). `forward` must compute from `feats`, never
     `sparse.feats`: the hooks may hand it a different tensor object than the one the caller passed.
     """
