@@ -35,7 +35,7 @@ QUICK_ARGS = {
     "vae_scaling": ["--resolutions", "32", "64", "--reps", "1", "--render-views", "1", "--budget-s", "10"],
     "data_pipeline": ["--scenes", "4", "--resolution", "64", "--image-size", "32", "--views", "1", "--epochs", "1"],
     "engine_overhead": ["--steps", "20", "--warmup", "2", "--rounds", "1", "--width", "128"],
-    "gpu_check": ["--no-vae"],
+    "gpu_check": ["--no-vae", "--steps", "1", "--encode-scenes", "3"],
 }
 
 

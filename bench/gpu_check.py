@@ -1,7 +1,7 @@
 """Sparse-conv and VAE parity on a device (CUDA by default): the numbers a GPU machine must reproduce before its
-timings mean anything.
+timings mean anything; then the VAE's bf16 training step and its encode job on that device.
 
-    python bench/gpu_check.py [--device auto|cuda|cpu] [--json parity.json]
+    python bench/gpu_check.py [--device auto|cuda|cpu] [--checks parity,bf16,encode] [--json parity.json]
 
 --device auto (the default) is CUDA when torch sees a GPU, else CPU: on CPU the same checks run quickly (the
 device-vs-CPU ones are then trivial; spconv-vs-torch is not). bench/gpu_check.sh passes --device cuda.
@@ -25,14 +25,26 @@ so in float32 the gradients there carry noise of ~1 % that differs with any chan
 float64); a wrong map or weight layout shows up as errors of order 1. Gradient errors are relative to each
 parameter's largest entry, floored at 1e-3 of the model's largest gradient (a conv bias followed by a GroupNorm
 has a gradient that is zero up to rounding).
-spconv cases are skipped, with the reason, when spconv does not import. Exit status 1 when any check fails.
+spconv cases are skipped, with the reason, when spconv does not import.
+
+--checks bf16: the smoke VAE (configs/smoke/vae.yaml widths and losses; 128³ on CUDA, 32³ on CPU) trained in bf16 the
+two ways the engine runs bf16: `autocast` (plain/DDP runs: fp32 weights under bf16 autocast) and `deepspeed-bf16`
+(DeepSpeed's: bf16 weights and input features, no autocast; a plain AdamW stands in for DeepSpeed's optimizer).
+Each runs the engine's default train_step plus an optimizer step: finite losses and gradients, render terms in
+float32, the first loss within 10 % of fp32 at the same weights, and the median time per step after a warm-up.
+--checks encode: the stage's encode job (`interiorfusion_vae.latents.encode_dataset`) with the model on the device
+over a few procedural scenes written for it, timed per sample after a warm-up pass; latents finite and complete.
+Exit status 1 when any check fails.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import platform
+import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -158,15 +170,15 @@ def layer_checks(device: torch.device, spconv_ok: bool) -> list[dict[str, Any]]:
 
 
 # ---- VAE end to end ---------------------------------------------------------------------------------------
-def vae_batch(resolution: int = 32, views: int = 2) -> dict[str, Any]:
+def vae_batch(resolution: int = 32, views: int = 2, cube_size: str | None = None) -> dict[str, Any]:
     from interiorfusion_data.config import DataStageConfig
     from interiorfusion_data.format import decode_sample
     from interiorfusion_data.loader import collate_scenes
     from interiorfusion_data.pipeline import build_sample, procedural_options
     from interiorfusion_data.procedural import generate_scene
 
-    cfg = DataStageConfig(seed=0, num_scenes=1, voxel={"resolutions": [resolution]},
-                          render={"views": views, "image_size": 32})
+    voxel: dict[str, Any] = {"resolutions": [resolution]} | ({"cube_size": cube_size} if cube_size else {})
+    cfg = DataStageConfig(seed=0, num_scenes=1, voxel=voxel, render={"views": views, "image_size": 32})
     sample = build_sample(generate_scene(0, 0, procedural_options(cfg)), cfg, 0)
     return collate_scenes([decode_sample(sample.members, resolution, fields=("voxels", "views"), views=views)])
 
@@ -242,6 +254,139 @@ def vae_checks(device: torch.device, spconv_ok: bool) -> list[dict[str, Any]]:
     return results
 
 
+# ---- VAE bf16 training step and encode job ----------------------------------------------------------------
+def _smoke_vae_config(resolution: int) -> Any:
+    """configs/smoke/vae.yaml (widths, losses, 2 render views) at one resolution."""
+    import yaml
+
+    from interiorfusion_vae.config import VAEPretrainConfig
+
+    cfg = yaml.safe_load((ROOT / "configs/smoke/vae.yaml").read_text())
+    cfg["model"] |= {"base_resolution": resolution, "target_resolution": resolution}
+    cfg["training"] |= {"curriculum": [], "max_steps": 1}
+    return VAEPretrainConfig.model_validate(cfg)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def bf16_step_checks(device: torch.device, resolution: int, steps: int) -> list[dict[str, Any]]:
+    """Training steps of the smoke VAE in bf16, the two ways the engine runs bf16 (Runtime.autocast and
+    input_dtype): `autocast` (plain/DDP: fp32 weights, bf16 autocast) and `deepspeed-bf16` (bf16 weights and input
+    features, no autocast; plain AdamW here instead of DeepSpeed's fp32 master weights). Each: the engine's default
+    train_step (next batch → to_device → autocast → compute_losses → backward) plus an AdamW step, timed after one
+    warm-up step. Passes when every loss and gradient is finite, the render terms are float32, and the first step's
+    loss is within 10 % of the fp32 loss at the same weights (bf16 rounding, not a different computation)."""
+    from interiorfusion_core.engine import StepContext
+    from interiorfusion_core.engine.distributed import Runtime
+    from interiorfusion_vae.task import VAETask, build_vae
+
+    config = _smoke_vae_config(resolution)
+    cpu_batch = vae_batch(resolution, cube_size="fit")  # the room fills the grid, as in the smoke data
+    task = VAETask(config, data_uri="")
+    results = []
+    for mode in ("autocast", "deepspeed-bf16"):
+        deepspeed = mode == "deepspeed-bf16"
+        torch.manual_seed(0)
+        model = build_vae(config)
+        model.set_material_prior(cpu_batch["feats"].float().mean(0))
+        model = model.to(device)
+        with torch.no_grad():
+            torch.manual_seed(1)
+            ref = float(task.compute_losses(model, task.to_device(cpu_batch, device))["loss"])
+        if deepspeed:
+            model = model.to(torch.bfloat16)
+        rt = Runtime(accelerator=None, device=device, rank=0, world_size=1, deepspeed=deepspeed,
+                     zero_stage=3 if deepspeed else None, precision="bf16")
+        step = StepContext(rt, model, model, {}, accumulation=1,
+                           next_batch=lambda to_device, rt=rt: task.to_device(cpu_batch, rt.device, rt.input_dtype))
+        opt = torch.optim.AdamW(model.parameters(), lr=config.optimizer.lr)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        losses, times, grads_ok, render_fp32 = [], [], True, True
+        torch.manual_seed(1)
+        for i in range(steps + 1):
+            _sync(device)
+            t0 = time.perf_counter()
+            terms = task.train_step(step)
+            grads_ok &= all(bool(torch.isfinite(p.grad).all()) for p in model.parameters() if p.grad is not None)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            _sync(device)
+            if i > 0:  # the first step builds maps and warms the kernels
+                times.append(time.perf_counter() - t0)
+            losses.append(float(terms["loss"].detach()))
+            render_fp32 &= all(terms[k].dtype == torch.float32 for k in ("depth_consistency", "edge_preservation"))
+        finite = all(math.isfinite(v) for v in losses)
+        rel = abs(losses[0] - ref) / max(abs(ref), 1e-12)
+        results.append({"case": f"VAE bf16 step {resolution}³ ({int(cpu_batch['num_voxels'][0])} voxels)",
+                        "check": mode, "losses": losses, "fp32_loss": ref, "loss_rel_to_fp32": rel,
+                        "step_s": statistics.median(times), "step_times_s": times,
+                        "peak_mem_gb": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda"
+                        else None, "finite_losses": finite, "finite_grads": grads_ok, "render_terms_fp32": render_fp32,
+                        "pass": finite and grads_ok and render_fp32 and rel <= 0.1})
+    return results
+
+
+def encode_job_check(device: torch.device, resolution: int, scenes: int, work: Path) -> dict[str, Any]:
+    """The stage's encode job (`interiorfusion_vae.latents.encode_dataset`) with the model on the device, on a small
+    procedural dataset written without a stage run (shards + a stand-in manifest listing no artifacts, which the
+    dataset reader accepts unverified), timed after a warm-up pass. Passes when every split's latents read back
+    through `open_latents`, finite, 2·latent_dim channels, one latent set per scene; one sample's latents are
+    compared with the same weights encoding on CPU (reported, not gated: the constant first-level input makes
+    float32 GroupNorm statistics rounding-sensitive)."""
+    from interiorfusion_core.manifest import MANIFEST_KEY, Manifest
+    from interiorfusion_core.storage import open_store
+    from interiorfusion_data.config import DataStageConfig
+    from interiorfusion_data.loader import open_dataset
+    from interiorfusion_data.pipeline import write_dataset
+    from interiorfusion_vae.latents import encode_dataset, encode_sample, open_latents
+    from interiorfusion_vae.task import build_vae
+
+    for sub in ("data-work", "encode-work"):
+        (work / sub).mkdir()
+    data = open_store(str(work / "data"))
+    cfg = DataStageConfig(seed=0, num_scenes=scenes, voxel={"resolutions": [resolution], "cube_size": "fit"},
+                          render={"views": 1, "image_size": 16}, preview_samples=0)
+    t0 = time.perf_counter()
+    write_dataset(data, cfg, work / "data-work")
+    data.put_json(MANIFEST_KEY, Manifest(stage="data", cache_key="gpu-check", config_kind="data", config_digest="",
+                                         config={}).model_dump(mode="json"))
+    data_s = time.perf_counter() - t0
+    config = _smoke_vae_config(resolution)
+    torch.manual_seed(0)
+    model = build_vae(config).eval()
+    cpu_model = build_vae(config).eval()
+    cpu_model.load_state_dict(model.state_dict())
+    model = model.to(device)
+    out = open_store(str(work / "vae"))
+    encode_dataset(out, model, data.uri, config, work_dir=work / "encode-work", device=device)  # warm-up
+    _sync(device)
+    t0 = time.perf_counter()
+    result = encode_dataset(out, model, data.uri, config, work_dir=work / "encode-work", device=device)
+    _sync(device)
+    seconds = time.perf_counter() - t0
+    samples, rows, ok = 0, 0, True
+    for split in dict.fromkeys(config.encode.splits):
+        latents = open_latents(out, split, resolution, normalized=False, require_manifest=False)
+        for k in range(len(latents)):
+            feats = latents[k]["feats"]
+            ok &= feats.shape[1] == 2 * config.model.latent_dim and bool(torch.isfinite(feats).all())
+            rows += len(feats)
+        samples += len(latents)
+    ok &= samples == scenes and rows > 0
+    first = open_dataset(data.uri, "train").get(0, resolution, fields=("voxels",))
+    with torch.no_grad():
+        on_cpu = encode_sample(cpu_model, first).feats
+        on_dev = encode_sample(model, first).feats.cpu()
+    rel = float((on_dev - on_cpu).abs().max() / on_cpu.abs().max().clamp_min(1e-30))
+    return {"case": f"VAE encode job {resolution}³ ({samples} samples, {rows} latent rows)", "check": "encode",
+            "seconds": seconds, "s_per_sample": seconds / max(samples, 1), "data_s": data_s,
+            "job_metrics": result.metrics, "device_vs_cpu_rel": rel, "pass": bool(ok)}
+
+
 # ---- main -------------------------------------------------------------------------------------------------
 def environment(device: torch.device) -> dict[str, Any]:
     env: dict[str, Any] = {"python": platform.python_version(), "torch": torch.__version__,
@@ -259,41 +404,7 @@ def environment(device: torch.device) -> dict[str, Any]:
     return env
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--device", default="auto", help="auto | cuda | cuda:N | cpu (auto: cuda if available)")
-    ap.add_argument("--no-vae", action="store_true", help="layer cases only")
-    ap.add_argument("--threads", type=int, default=1,
-                    help="torch CPU threads for the CPU references (default 1: the grids are tiny, and more threads "
-                         "only contend on a shared machine)")
-    ap.add_argument("--json", type=Path, help="also write the results here")
-    args = ap.parse_args(argv)
-
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(args.device)
-    torch.set_num_threads(args.threads)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        print(f"FAIL: --device {args.device} but torch {torch.__version__} (CUDA {torch.version.cuda}) sees no CUDA "
-              "device; use --device cpu to run the checks on CPU", file=sys.stderr)
-        return 2
-    # float32 must mean float32 on Ampere and later: no TF32 in matmuls or convolutions.
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
-    t0 = time.perf_counter()
-    env = environment(device)
-    spconv_why = env["backends"]["spconv"]
-    print(f"torch {env['torch']} (CUDA {env['torch_cuda']}) on {device}"
-          + (f": {env['device_name']} (sm {env['capability']}, {env['memory_gib']} GiB)" if "device_name" in env
-             else ""))
-    print(f"spconv {env['spconv']}; cumm {env['cumm']}")
-    if spconv_why is not None:
-        print(f"SKIP spconv checks: the spconv backend is not usable here ({spconv_why})")
-
-    results = layer_checks(device, spconv_why is None)
-    if not args.no_vae:
-        results += vae_checks(device, spconv_why is None)
-
+def print_parity(results: list[dict[str, Any]]) -> None:
     print(f"\n{'case':<28}{'check':<16}{'max rel err':>18}{'tol':>14}  result")
     print("-" * 84)
     for r in results:
@@ -309,20 +420,117 @@ def main(argv: list[str] | None = None) -> int:
         elif not r["pass"] and "worst_grad" in r:
             line += f" (worst gradient: {r['worst_grad']})"
         print(line)
-    failed = [r for r in results if not r["pass"]]
     print("(VAE rows: loss / gradient relative error)")
+
+
+def print_training(results: list[dict[str, Any]]) -> None:
+    print(f"\n{'case':<50}{'check':<16}{'result':>44}")
+    print("-" * 116)
+    for r in results:
+        if r["check"] == "encode":
+            what = (f"{r['s_per_sample'] * 1e3:.1f} ms/sample, vs CPU {r['device_vs_cpu_rel']:.1e}")
+        else:
+            what = (f"loss {r['losses'][0]:.4f} (fp32 {r['fp32_loss']:.4f}), {r['step_s'] * 1e3:.0f} ms/step"
+                    + (f", {r['peak_mem_gb']:.2f} GiB" if r["peak_mem_gb"] is not None else ""))
+        print(f"{r['case']:<50}{r['check']:<16}{what:>44}  {'PASS' if r['pass'] else 'FAIL'}")
+
+
+CHECKS = ("parity", "bf16", "encode")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="auto", help="auto | cuda | cuda:N | cpu (auto: cuda if available)")
+    ap.add_argument("--checks", default=",".join(CHECKS),
+                    help="comma-separated, any of: parity (sparse convs and the VAE step against references), bf16 "
+                         "(the VAE's bf16 training step, both engine modes, timed), encode (the encode job, timed); "
+                         "default all")
+    ap.add_argument("--no-vae", action="store_true", help="parity: layer cases only")
+    ap.add_argument("--resolution", type=int, help="bf16/encode grid (default 128 on CUDA, 32 on CPU)")
+    ap.add_argument("--steps", type=int, help="bf16: timed steps per mode (default 10 on CUDA, 2 on CPU)")
+    ap.add_argument("--encode-scenes", type=int, default=4, help="encode: procedural scenes to encode (default 4)")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch CPU threads for the CPU references (default 1: the grids are tiny, and more threads "
+                         "only contend on a shared machine)")
+    ap.add_argument("--json", type=Path, help="also write the results here")
+    args = ap.parse_args(argv)
+    checks = [c.strip() for c in args.checks.split(",") if c.strip()]
+    unknown = sorted(set(checks) - set(CHECKS))
+    if unknown or not checks:
+        ap.error(f"--checks: unknown {', '.join(unknown) or '(none given)'}; choose from {', '.join(CHECKS)}")
+
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(args.device)
+    torch.set_num_threads(args.threads)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print(f"FAIL: --device {args.device} but torch {torch.__version__} (CUDA {torch.version.cuda}) sees no CUDA "
+              "device; use --device cpu to run the checks on CPU", file=sys.stderr)
+        return 2
+    # float32 must mean float32 on Ampere and later: no TF32 in matmuls or convolutions.
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    resolution = args.resolution or (128 if device.type == "cuda" else 32)
+    steps = args.steps or (10 if device.type == "cuda" else 2)
+    t0 = time.perf_counter()
+    env = environment(device)
+    spconv_why = env["backends"]["spconv"]
+    print(f"torch {env['torch']} (CUDA {env['torch_cuda']}) on {device}"
+          + (f": {env['device_name']} (sm {env['capability']}, {env['memory_gib']} GiB)" if "device_name" in env
+             else ""))
+    print(f"spconv {env['spconv']}; cumm {env['cumm']}")
+    if spconv_why is not None and "parity" in checks:
+        print(f"SKIP spconv checks: the spconv backend is not usable here ({spconv_why})")
+
+    results: list[dict[str, Any]] = []
+    if "parity" in checks:
+        parity = layer_checks(device, spconv_why is None)
+        if not args.no_vae:
+            parity += vae_checks(device, spconv_why is None)
+        print_parity(parity)
+        results += parity
+    training: list[dict[str, Any]] = []
+    if "bf16" in checks:
+        training += bf16_step_checks(device, resolution, steps)
+    if "encode" in checks:
+        try:
+            import safetensors  # noqa: F401  (the encode job writes safetensors shards)
+        except ImportError as exc:
+            print(f"SKIP encode job: safetensors is not importable here ({exc}); put its wheel in gpu-check-wheels/")
+        else:
+            with tempfile.TemporaryDirectory(prefix="gpu-check-encode-") as work:
+                training.append(encode_job_check(device, resolution, args.encode_scenes, Path(work)))
+    if training:
+        print_training(training)
+        results += training
+    failed = [r for r in results if not r["pass"]]
     total = time.perf_counter() - t0
     verdict = "PASS" if not failed else f"FAIL ({len(failed)} of {len(results)} checks)"
-    print(f"\nparity on {device}: {verdict} in {total:.1f}s"
-          + ("" if spconv_why is None else "; spconv checks skipped"))
+    print(f"\n{'+'.join(checks)} on {device}: {verdict} in {total:.1f}s"
+          + ("" if spconv_why is None or "parity" not in checks else "; spconv checks skipped"))
     if args.json:
-        headline = {"pass": not failed, "checks": len(results), "failed": len(failed),
-                    "spconv_checked": spconv_why is None, "device": device.type}
-        what = "sparse conv + VAE" if not args.no_vae else "sparse conv"
-        rows = [row(f"{what} parity checks passed on {device.type}" + ("" if spconv_why is None else " (no spconv)"),
-                    len(results) - len(failed), "", "checks run", len(results), target="all")]
-        write_json(args.json, "gpu_check", rows, {"environment": env, "results": results, "total_s": total},
-                   headline=headline)
+        headline: dict[str, Any] = {"pass": not failed, "checks": len(results), "failed": len(failed),
+                                    "device": device.type}
+        rows = []
+        if "parity" in checks:
+            headline["spconv_checked"] = spconv_why is None
+            what = "sparse conv + VAE" if not args.no_vae else "sparse conv"
+            n = sum(1 for r in results if r in parity)
+            rows.append(row(f"{what} parity checks passed on {device.type}"
+                            + ("" if spconv_why is None else " (no spconv)"),
+                            n - sum(1 for r in failed if r in parity), "", "checks run", n, target="all"))
+        for r in training:
+            if r["check"] == "encode":
+                headline["encode_s_per_sample"] = r["s_per_sample"]
+                rows.append(row(f"VAE encode job on {device.type}, {resolution}³", r["s_per_sample"], "s/sample"))
+            else:
+                key = "bf16_autocast_step_s" if r["check"] == "autocast" else "bf16_deepspeed_step_s"
+                headline[key] = r["step_s"]
+                headline[key.replace("step_s", "loss")] = r["losses"][0]
+                rows.append(row(f"VAE bf16 step ({r['check']}) on {device.type}, {resolution}³", r["step_s"],
+                                "s/step"))
+        write_json(args.json, "gpu_check", rows, {"environment": env, "results": results, "total_s": total,
+                                                   "checks": checks}, headline=headline)
     return 1 if failed else 0
 
 

@@ -5,13 +5,16 @@
 #   GPU_CHECK_ALLOW_CPU=1 bash bench/gpu_check.sh   # no GPU: the same steps on CPU, small sizes (tests the script)
 #
 # 1. environment: nvidia-smi, python/torch/CUDA versions, the project's dependencies (checked up front)
-# 2. parity (bench/gpu_check.py): sparse convs and a tiny VAE step, torch backend on CUDA vs CPU float64,
-#    spconv on CUDA vs torch on CUDA, forward and every gradient; any failure makes the script exit 1
+# 2. parity (bench/gpu_check.py --checks parity): sparse convs and a tiny VAE step, torch backend on CUDA vs CPU
+#    float64, spconv on CUDA vs torch on CUDA, forward and every gradient; any failure makes the script exit 1
+#    VAE bf16 step and encode job (bench/gpu_check.py --checks bf16,encode): the smoke VAE's training step in bf16
+#    as the engine runs it (autocast; DeepSpeed-style bf16 weights and inputs), finite losses and gradients, time
+#    per step; the stage's encode job with the model on the device, time per sample; a failure also exits 1
 # 3. bench/sparse_conv.py --device cuda: one 32->32 k3 submanifold conv on a 200k-voxel 256³ shell
 # 4. bench/vae_scaling.py --device cuda: VAE train step at 64³/128³/256³, smoke widths (and the torch backend
 #    beside spconv when spconv is there), then the default widths [32, 64, 128, 256, 512] x 2 blocks
-# Everything goes to $OUT: gpu-check.log, nvidia-smi.txt, parity.json, sparse_conv.json, vae_scaling*.json,
-# summary.json. Nothing is downloaded: the machine may have no network.
+# Everything goes to $OUT: gpu-check.log, nvidia-smi.txt, parity.json, vae_bf16_encode.json, sparse_conv.json,
+# vae_scaling*.json, summary.json. Nothing is downloaded: the machine may have no network.
 #
 # Python: $GPU_CHECK_PYTHON, else the first of python3 / ./.venv/bin/python that imports torch. A venv
 # ($GPU_CHECK_VENV, default .interiorfusion/gpu-check-venv) is made on top of it with --system-site-packages
@@ -25,7 +28,7 @@
 # installed from that folder alone (--no-index --no-deps), so nothing already there (numpy, torch) is replaced.
 #
 # GPU_CHECK_BUDGET_S (default 480) caps the whole run: each step's timeout is cut to the time left.
-# Exit status: 0 all passed; 1 a parity check failed; 2 a benchmark failed or timed out (parity passed);
+# Exit status: 0 all passed; 1 a parity, bf16-step or encode check failed; 2 a benchmark failed or timed out (parity passed);
 # 3 no usable Python/torch or a dependency missing; 4 no CUDA device (and GPU_CHECK_ALLOW_CPU unset).
 
 set -uo pipefail
@@ -236,9 +239,14 @@ run_step() {  # name, timeout seconds, command...
     return "$rc"
 }
 
-run_step "parity ($DEVICE)" 300 "$PY" bench/gpu_check.py --device "$DEVICE" --json "$OUT/parity.json"
+run_step "parity ($DEVICE)" 300 "$PY" bench/gpu_check.py --device "$DEVICE" --checks parity \
+    --json "$OUT/parity.json"
 PARITY_RC=$?
 [ "$PARITY_RC" -ne 0 ] && STATUS=1
+run_step "VAE bf16 training step and encode job ($DEVICE)" 240 "$PY" bench/gpu_check.py --device "$DEVICE" \
+    --checks bf16,encode --json "$OUT/vae_bf16_encode.json"
+TRAIN_RC=$?
+[ "$TRAIN_RC" -ne 0 ] && STATUS=1
 
 if [ "$DEVICE" = cuda ]; then
     SPARSE_ARGS=()
@@ -270,7 +278,7 @@ section "summary"
 import json, pathlib, sys
 out = pathlib.Path(sys.argv[1])
 summary = {}
-for name in ("parity", "sparse_conv", "vae_scaling", "vae_scaling_torch", "vae_scaling_full"):
+for name in ("parity", "vae_bf16_encode", "sparse_conv", "vae_scaling", "vae_scaling_torch", "vae_scaling_full"):
     path = out / f"{name}.json"
     if path.exists():
         data = json.loads(path.read_text())
@@ -283,8 +291,14 @@ echo "results in $OUT (log: $LOG); total $(($(date +%s) - STARTED))s"
 if [ "$STATUS" -ne 0 ]; then
     if [ "$PARITY_RC" -eq 1 ]; then
         echo "GPU CHECK FAILED: parity (see the FAIL rows above and $OUT/parity.json)"
-    else
+    elif [ "$PARITY_RC" -ne 0 ]; then
         echo "GPU CHECK FAILED: the parity step did not complete (exit $PARITY_RC; 124 = timed out or out of budget)"
+    fi
+    if [ "$TRAIN_RC" -eq 1 ]; then
+        echo "GPU CHECK FAILED: VAE bf16 step / encode job (see the FAIL rows above and $OUT/vae_bf16_encode.json)"
+    elif [ "$TRAIN_RC" -ne 0 ]; then
+        echo "GPU CHECK FAILED: the VAE bf16 step / encode job did not complete (exit $TRAIN_RC; 124 = timed out or" \
+            "out of budget)"
     fi
     exit 1
 fi

@@ -85,8 +85,8 @@ class ResBlock(nn.Module):
         self.norm1 = SparseGroupNorm(_groups(channels), channels)
         self.conv1 = SubMConv3d(channels, channels, 3, backend=backend)
         self.norm2 = SparseGroupNorm(_groups(channels), channels)
-        self.conv2 = SubMConv3d(channels, channels, 3, backend=backend)
-        nn.init.zeros_(self.conv2.weight)  # start as identity: stable deep sparse stacks
+        # Start as identity: stable deep sparse stacks (zeroed by the conv itself: see SubMConv3d's zero_init).
+        self.conv2 = SubMConv3d(channels, channels, 3, backend=backend, zero_init=True)
         self.act = nn.SiLU()
 
     def forward(self, x: SparseTensor) -> SparseTensor:

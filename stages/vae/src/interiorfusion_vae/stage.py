@@ -13,7 +13,6 @@ sharded across the ranks (rank r takes samples r, r + W, ...), rank 0 reduces an
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +21,6 @@ import torch
 from interiorfusion_core.contract import Stage, StageContext, StageResult
 from interiorfusion_core.engine import Trainer
 from interiorfusion_core.engine.distributed import Runtime, broadcast_object, gather_objects
-from interiorfusion_core.errors import UserError
 from interiorfusion_data.loader import open_dataset
 from interiorfusion_vae.config import VAEPretrainConfig
 from interiorfusion_vae.evaluate import class_prior, evaluate_samples, preview, summarize
@@ -36,13 +34,8 @@ class VAEStage(Stage):
 
     def run(self, ctx: StageContext) -> StageResult:
         config: VAEPretrainConfig = ctx.config
-        if os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3":
-            # DeepSpeed re-gathers ZeRO-3 weights for backward through hooks on module outputs that are tensors,
-            # tuples or dicts; the sparse modules return SparseTensors, so their weights would stay partitioned.
-            raise UserError(
-                "the VAE cannot train under DeepSpeed ZeRO-3 (its sparse modules return SparseTensors, whose "
-                "weights ZeRO-3 cannot re-gather for backward); launch it with configs/accelerate_deepspeed_zero2.yaml"
-            )
+        # ZeRO-3 works: the sparse layers that own weights show DeepSpeed's hooks plain tensors
+        # (interiorfusion_core.sparse.nn.SparseModule), so their weights are re-gathered for backward.
         data_uri = ctx.inputs["data"].uri
         if config.encode.enabled:
             check_data_resolutions(data_uri, config)  # a resolution the data lacks fails now, not after training

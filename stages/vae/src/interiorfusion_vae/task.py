@@ -20,6 +20,8 @@ from interiorfusion_vae.losses import vae_losses
 from interiorfusion_vae.model import SLATInteriorVAE, lookup_rows
 
 FIELDS = ("voxels", "views")
+# Batch fields the network consumes as features; `to_device` casts only these to the training dtype.
+FEATURE_FIELDS = frozenset({"feats"})
 
 
 def build_vae(config: VAEPretrainConfig) -> SLATInteriorVAE:
@@ -161,9 +163,16 @@ class VAETask(TrainTask):
         return len(batch["num_voxels"])
 
     def to_device(self, batch: Any, device: torch.device, dtype: torch.dtype | None = None) -> Any:
+        """Only the model's input features take the training dtype (bf16 under DeepSpeed bf16). Every other
+        floating field (grid origin and voxel size, intrinsics, poses, depth and normal maps, lights: geometry and
+        metric targets) stays at least float32: bf16 values near 5 m are 3.1 cm apart, coarser than a voxel."""
         moved = dict(batch)
         for key, value in batch.items():
-            if isinstance(value, torch.Tensor):
-                keep_int = not value.is_floating_point()
-                moved[key] = value.to(device) if keep_int or dtype is None else value.to(device, dtype)
+            if not isinstance(value, torch.Tensor):
+                continue
+            if dtype is None or not value.is_floating_point():
+                moved[key] = value.to(device)
+            else:
+                target = dtype if key in FEATURE_FIELDS else torch.promote_types(dtype, torch.float32)
+                moved[key] = value.to(device, target)
         return moved

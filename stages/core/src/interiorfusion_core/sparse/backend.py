@@ -78,7 +78,28 @@ def conv(
     geometry: ConvGeometry,
     backend: str | None = None,
 ) -> torch.Tensor:
-    """Run one sparse conv with the resolved backend; features in, features out (in kmap's row order)."""
+    """Run one sparse conv with the resolved backend; features in, features out (in kmap's row order).
+
+    Under autocast the conv runs like a matmul does: inputs in the autocast dtype, autocast off inside (the
+    backends' `out=` matmuls and scatter-adds would otherwise mix the autocast dtype with the inputs' dtype)."""
+    device_type = feats.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        feats, weight = feats.to(dtype), weight.to(dtype)
+        bias = bias.to(dtype) if bias is not None else None
+        with torch.autocast(device_type, enabled=False):
+            return _run(feats, weight, bias, kmap, geometry, backend)
+    return _run(feats, weight, bias, kmap, geometry, backend)
+
+
+def _run(
+    feats: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    kmap: KernelMap,
+    geometry: ConvGeometry,
+    backend: str | None,
+) -> torch.Tensor:
     name = resolve_backend(backend, feats.device)
     if name == "torch":
         return backend_torch.sparse_conv(feats, weight, bias, kmap)

@@ -1,9 +1,14 @@
-"""Sparse layers as ``torch.nn.Module``s: every forward takes and returns a `SparseTensor`."""
+"""Sparse layers as ``torch.nn.Module``s: every layer is called with a `SparseTensor` and returns one.
+
+The layers that own parameters are `SparseModule`s: `nn.Module.__call__`, where framework hooks run, sees their
+features as plain tensors (see `SparseModule` for why).
+"""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -11,12 +16,51 @@ from torch import nn
 
 from . import backend as _backend
 from . import ops
-from .maps import KernelMap, strided_map, submanifold_map, transposed_map
+from .maps import KernelMap, Level, strided_map, submanifold_map, transposed_map
 from .tensor import SparseTensor, _triple
 
 
-class _ConvBase(nn.Module):
-    """Holds the canonical weight [K, Cin, Cout] (see `layout`) and an optional bias [Cout]."""
+class SparseModule(nn.Module):
+    """A sparse layer with parameters: called with a `SparseTensor` it returns one, while the hooks of
+    `nn.Module.__call__` see only plain tensors.
+
+    Why: DeepSpeed ZeRO-3 partitions weights between forward and backward and re-gathers a module's weights
+    for its backward through autograd hooks on the tensors the module returns (and frees them through hooks on
+    the tensors it receives). It finds tensors bare or inside tuples, lists and dicts only, and DeepSpeed has no
+    way to register another container; a SparseTensor output would hide its features, and the backward would
+    run on freed weights. Making SparseTensor look like a namedtuple or dict to DeepSpeed would tie the layers to
+    its internals; plain tensors at the module boundary are what every hook-based wrapper (ZeRO-3, FSDP, forward
+    hooks) understands. So `__call__` unpacks: `forward(feats, sparse=x, **kwargs)` receives the features
+    positionally and the SparseTensor (coordinates, neighbour maps) and any other SparseTensor argument by
+    keyword (DeepSpeed's forward pre-hooks see positional inputs only), and returns the output features; `prepare` names
+    the coordinate set they lie on (the input's, by default). `forward` must compute from `feats`, never
+    `sparse.feats`: the hooks may hand it a different tensor object than the one the caller passed.
+    """
+
+    def __call__(self, x: Any, *args: Any, **kwargs: Any) -> Any:
+        if not isinstance(x, SparseTensor):
+            return super().__call__(x, *args, **kwargs)
+        level, extra = self.prepare(x, **kwargs)
+        feats = super().__call__(x.feats, *args, sparse=x, **kwargs, **extra)
+        return SparseTensor(level.coords, feats, level.spatial_shape, level.stride, x.batch_size, cache=level.cache)
+
+    def prepare(self, x: SparseTensor, **kwargs: Any) -> tuple[SparseTensor | Level, dict[str, Any]]:
+        """The output's coordinate set (the input's by default) and extra keyword arguments for `forward` (a
+        neighbour map it needs too, so it is looked up once); must not use this module's parameters."""
+        return x, {}
+
+
+def _sparse_input(sparse: SparseTensor | None, layer: nn.Module) -> SparseTensor:
+    if sparse is None:
+        raise TypeError(f"{type(layer).__name__} is called with a SparseTensor (it needs its coordinates)")
+    return sparse
+
+
+class _ConvBase(SparseModule):
+    """Holds the canonical weight [K, Cin, Cout] (see `layout`) and an optional bias [Cout]. `zero_init` starts the
+    weight at zero (a residual branch that starts as the identity): set here rather than by the parent, because
+    under `deepspeed.zero.Init` a layer's parameters are partitioned when its own constructor returns, and an
+    in-place init done later by the parent would touch an empty tensor."""
 
     def __init__(
         self,
@@ -26,6 +70,7 @@ class _ConvBase(nn.Module):
         bias: bool,
         backend: str | None,
         fan_in_divisor: int = 1,
+        zero_init: bool = False,
     ) -> None:
         super().__init__()
         self.in_channels = in_channels
@@ -40,10 +85,12 @@ class _ConvBase(nn.Module):
         nn.init.uniform_(self.weight, -bound, bound)
         if self.bias is not None:
             nn.init.uniform_(self.bias, -bound, bound)
+        if zero_init:  # after the draw, so every later parameter's initial value is the same either way
+            nn.init.zeros_(self.weight)
 
-    def _params(self, x: SparseTensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        w = self.weight.to(x.feats.dtype)
-        b = self.bias.to(x.feats.dtype) if self.bias is not None else None
+    def _params(self, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        w = self.weight.to(feats.dtype)
+        b = self.bias.to(feats.dtype) if self.bias is not None else None
         return w, b
 
     def extra_repr(self) -> str:
@@ -63,31 +110,44 @@ class SubMConv3d(_ConvBase):
         kernel_size: int | Sequence[int] = 3,
         bias: bool = True,
         backend: str | None = None,
+        zero_init: bool = False,
     ) -> None:
-        super().__init__(in_channels, out_channels, kernel_size, bias, backend)
+        super().__init__(in_channels, out_channels, kernel_size, bias, backend, zero_init=zero_init)
         if any(k % 2 == 0 for k in self.kernel_size):
             raise ValueError(f"SubMConv3d needs odd kernel sizes, got {self.kernel_size}")
 
-    def forward(self, x: SparseTensor) -> SparseTensor:
+    def forward(self, feats: torch.Tensor, sparse: SparseTensor | None = None) -> torch.Tensor:
+        x = _sparse_input(sparse, self)
         kmap = submanifold_map(x, self.kernel_size)
         geometry = _backend.ConvGeometry("subm", x.coords, x.stride, x.coords, x.stride, (1, 1, 1), (0, 0, 0))
-        w, b = self._params(x)
-        return x.replace(_backend.conv(x.feats, w, b, kmap, geometry, self.backend))
+        w, b = self._params(feats)
+        return _backend.conv(feats, w, b, kmap, geometry, self.backend)
 
 
 class _LevelConv(_ConvBase):
-    """A conv from one level's voxels onto another's (strided or transposed); subclasses set stride/padding."""
+    """A conv from one level's voxels onto another's (strided or transposed); subclasses set stride/padding and
+    `_map` (the output level and the neighbour map, both cached on the coordinate sets)."""
 
     stride: tuple[int, int, int]
     padding: tuple[int, int, int]
+    kind: str
 
-    def _onto_level(self, x: SparseTensor, level: SparseTensor, kmap: KernelMap, kind: str) -> SparseTensor:
+    def _map(self, x: SparseTensor, target: SparseTensor | None) -> tuple[Level, KernelMap]:
+        raise NotImplementedError
+
+    def prepare(self, x: SparseTensor, **kwargs: Any) -> tuple[Level, dict[str, Any]]:
+        level, kmap = self._map(x, kwargs.get("target"))
+        return level, {"mapped": (level, kmap)}
+
+    def forward(self, feats: torch.Tensor, sparse: SparseTensor | None = None, target: SparseTensor | None = None,
+                mapped: tuple[Level, KernelMap] | None = None) -> torch.Tensor:
+        x = _sparse_input(sparse, self)
+        level, kmap = mapped if mapped is not None else self._map(x, target)
         geometry = _backend.ConvGeometry(
-            kind, x.coords, x.stride, level.coords, level.stride, self.stride, self.padding
+            self.kind, x.coords, x.stride, level.coords, level.stride, self.stride, self.padding
         )
-        w, b = self._params(x)
-        feats = _backend.conv(x.feats, w, b, kmap, geometry, self.backend)
-        return SparseTensor(level.coords, feats, level.spatial_shape, level.stride, x.batch_size, cache=level.cache)
+        w, b = self._params(feats)
+        return _backend.conv(feats, w, b, kmap, geometry, self.backend)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, stride={self.stride}, padding={self.padding}"
@@ -96,6 +156,8 @@ class _LevelConv(_ConvBase):
 class SparseConv3d(_LevelConv):
     """Strided (downsampling) conv with ``F.conv3d`` semantics; output voxels are all cells any input reaches.
     Default kernel 2, stride 2: each parent cell from its 8 children."""
+
+    kind = "down"
 
     def __init__(
         self,
@@ -111,18 +173,19 @@ class SparseConv3d(_LevelConv):
         self.stride = _triple(stride, "stride")
         self.padding = _triple(padding, "padding")
 
-    def forward(self, x: SparseTensor) -> SparseTensor:
-        level, kmap = strided_map(x, self.kernel_size, self.stride, self.padding)
-        return self._onto_level(x, level, kmap, "down")
+    def _map(self, x: SparseTensor, target: SparseTensor | None) -> tuple[Level, KernelMap]:
+        return strided_map(x, self.kernel_size, self.stride, self.padding)
 
 
 class SparseConvTranspose3d(_LevelConv):
     """Transposed (upsampling) conv with ``F.conv_transpose3d`` semantics.
 
-    ``forward(x, target)`` writes onto ``target``'s voxels (e.g. the matching encoder level, whose
+    ``up(x, target)`` writes onto ``target``'s voxels (e.g. the matching encoder level, whose
     downsampling map is reused from the cache); without a target, onto every reachable cell (kernel 2,
     stride 2: all 8 children of every input voxel).
     """
+
+    kind = "up"
 
     def __init__(
         self,
@@ -139,9 +202,11 @@ class SparseConvTranspose3d(_LevelConv):
         self.stride = st
         self.padding = _triple(padding, "padding")
 
-    def forward(self, x: SparseTensor, target: SparseTensor | None = None) -> SparseTensor:
-        level, kmap = transposed_map(x, self.kernel_size, self.stride, self.padding, target)
-        return self._onto_level(x, level, kmap, "up")
+    def __call__(self, x: Any, target: SparseTensor | None = None) -> Any:
+        return super().__call__(x, target=target)  # by keyword: see SparseModule
+
+    def _map(self, x: SparseTensor, target: SparseTensor | None) -> tuple[Level, KernelMap]:
+        return transposed_map(x, self.kernel_size, self.stride, self.padding, target)
 
 
 class SpaceToChannel(nn.Module):
@@ -168,14 +233,15 @@ class ChannelToSpace(nn.Module):
         return ops.channel_to_space(x, child_mask, target)
 
 
-class SparseGroupNorm(nn.GroupNorm):
+class SparseGroupNorm(SparseModule, nn.GroupNorm):
     """GroupNorm with statistics per sample over that sample's active voxels (see `ops.group_norm`)."""
 
-    def forward(self, x: SparseTensor) -> SparseTensor:  # type: ignore[override]
-        return x.replace(ops.group_norm(x, self.num_groups, self.weight, self.bias, self.eps))
+    def forward(self, feats: torch.Tensor, sparse: SparseTensor | None = None) -> torch.Tensor:  # type: ignore[override]
+        x = _sparse_input(sparse, self)
+        return ops.group_norm(x.replace(feats), self.num_groups, self.weight, self.bias, self.eps)
 
 
-class SparseLayerNorm(nn.Module):
+class SparseLayerNorm(SparseModule):
     """LayerNorm for sparse tensors.
 
     ``per_voxel=False`` (default): normalise over each sample's voxels and all channels (the dense-CNN
@@ -193,10 +259,11 @@ class SparseLayerNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(num_channels)) if elementwise_affine else None
         self.bias = nn.Parameter(torch.zeros(num_channels)) if elementwise_affine else None
 
-    def forward(self, x: SparseTensor) -> SparseTensor:
+    def forward(self, feats: torch.Tensor, sparse: SparseTensor | None = None) -> torch.Tensor:
         if self.per_voxel:
-            return x.replace(F.layer_norm(x.feats, (self.num_channels,), self.weight, self.bias, self.eps))
-        return x.replace(ops.group_norm(x, 1, self.weight, self.bias, self.eps))
+            return F.layer_norm(feats, (self.num_channels,), self.weight, self.bias, self.eps)
+        x = _sparse_input(sparse, self)
+        return ops.group_norm(x.replace(feats), 1, self.weight, self.bias, self.eps)
 
     def extra_repr(self) -> str:
         return f"{self.num_channels}, eps={self.eps}, per_voxel={self.per_voxel}"
@@ -228,11 +295,11 @@ class SparseGELU(SparseActivation):
         super().__init__(nn.GELU(approximate=approximate))
 
 
-class SparseLinear(nn.Linear):
-    """Per-voxel linear layer (a 1x1x1 conv)."""
+class SparseLinear(SparseModule, nn.Linear):
+    """Per-voxel linear layer (a 1x1x1 conv); called with a plain tensor, it is `nn.Linear`."""
 
-    def forward(self, x: SparseTensor) -> SparseTensor:  # type: ignore[override]
-        return x.replace(super().forward(x.feats))
+    def forward(self, feats: torch.Tensor, sparse: SparseTensor | None = None) -> torch.Tensor:  # type: ignore[override]
+        return F.linear(feats, self.weight, self.bias)
 
 
 class SparsePrune(nn.Module):

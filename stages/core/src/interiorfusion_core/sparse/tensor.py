@@ -71,7 +71,10 @@ def _triple(v: int | Sequence[int], name: str) -> tuple[int, int, int]:
 class SparseTensor:
     """A batch of sparse voxel grids: ``coords`` [N, 4] int (batch, x, y, z) and ``feats`` [N, C]."""
 
-    # No __slots__: DeepSpeed ZeRO-3 walks module outputs with vars() to find tensors to hook.
+    # No __slots__: under ZeRO-3, DeepSpeed calls vars() on every module output that is not a tensor, list, tuple
+    # or dict (looking for parameters a module returns), which raises for a slotted class. Its backward hooks never
+    # look inside a SparseTensor, which is why the layers that own parameters exchange plain tensors at their
+    # module boundary (nn.SparseModule).
 
     def __init__(
         self,
