@@ -4,11 +4,15 @@ material and fine-tuning stages reuse. Pydantic only.
 Interpretations of the seed:
 - `model.mlp_ratio: 8192` is the MLP *hidden width* (1536 × 5.33; TRELLIS.2's 1.3B DiT has the same): values
   above 16 are a width, smaller ones a ratio of `width` (`DiTModelConfig.mlp_hidden`).
-- `flow_matching` uses EDM's names on a rectified flow. With x_t = (1 − t)·x0 + t·x1 (t = 1 is data, the seed's
-  convention), x_t / t = x1 + σ·x0 with σ = (1 − t) / t: EDM's σ is the rectified flow's noise-to-signal ratio.
-  So every key keeps its EDM meaning: ln σ ~ N(p_mean, p_std²) is logit(t) ~ N(−p_mean, p_std²) (a logit-normal
-  timestep law), and [sigma_min, sigma_max] bounds t to [1 / (1 + sigma_max), 1 / (1 + sigma_min)] in training
-  and sampling (`FlowMatchingConfig.t_range`).
+- `flow_matching` uses EDM's names on a rectified flow (t = 1 is data, the seed's convention). `sigma_min` /
+  `sigma_max` keep their meaning as bounds of the noise-to-signal ratio σ = (1 − t) / t, so t ∈ [1 / (1 +
+  sigma_max), 1 / (1 + sigma_min)] (`FlowMatchingConfig.t_range`; sigma_min is the noise floor). `p_mean` /
+  `p_std` are the logit-normal timestep law's parameters in the seed's own t: logit(t) ~ N(p_mean, p_std²), so
+  p_mean = −1.2 concentrates training on noisy timesteps (median t = 0.23), TRELLIS.2's emphasis
+  (interiorfusion_structure.flow explains why not EDM's ln σ ~ N(p_mean, p_std²)).
+- The seed's rectified flow moves features on fixed coordinates; generation also needs the coordinates. A second,
+  smaller flow with the same backbone (`occupancy`) generates the coarse occupancy of the latent grid first
+  (docs/structure.md).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from pydantic import Field, model_validator
 from interiorfusion_core.config.base import (
     DataLoaderConfig,
     LossTerm,
+    NonNegativeInt,
     PositiveFloat,
     PositiveInt,
     PretrainedRef,
@@ -39,6 +44,17 @@ class ConditioningConfig(Strict):
     image_size: int = Field(default=512, ge=16, le=4096, multiple_of=16)  # ViT patch 16
 
 
+class AttentionConfig(Strict):
+    """Self-attention over a sample's latent tokens: `full`, or `window` (cubic windows of `window` latent cells,
+    shifted by half a window on odd blocks; a full-attention block every `full_every` blocks, 0: none)."""
+
+    kind: Literal["full", "window"] = "full"
+    window: PositiveInt = 8
+    full_every: NonNegativeInt = 0
+    # flash-attn varlen where installed on CUDA, else grouped SDPA (interiorfusion_structure.attention).
+    backend: Literal["auto", "flash", "sdpa", "mask"] = "auto"
+
+
 class DiTModelConfig(Strict):
     width: PositiveInt = 1536
     depth: PositiveInt = 30
@@ -47,6 +63,9 @@ class DiTModelConfig(Strict):
     mlp_ratio: PositiveFloat = 8192
     qk_norm: bool = True
     rope: bool = True
+    rope_theta: PositiveFloat = 10000.0
+    attention: AttentionConfig = Field(default_factory=AttentionConfig)
+    gradient_checkpointing: bool = False
     conditioning: ConditioningConfig = Field(default_factory=ConditioningConfig)
 
     @model_validator(mode="after")
@@ -71,6 +90,8 @@ class FlowMatchingConfig(Strict):
     sigma_max: PositiveFloat = 80.0
     p_mean: float = Field(default=-1.2, ge=-10, le=10)
     p_std: PositiveFloat = Field(default=1.2, le=10)
+    # `uniform`: the seed's code; `logit_normal`: the seed's config (p_mean, p_std). interiorfusion_structure.flow.
+    timestep: Literal["uniform", "logit_normal"] = "logit_normal"
 
     @model_validator(mode="after")
     def _range(self) -> FlowMatchingConfig:
@@ -85,9 +106,61 @@ class FlowMatchingConfig(Strict):
         return 1.0 / (1.0 + self.sigma_max), 1.0 / (1.0 + self.sigma_min)
 
 
+class DepthGuidanceTerm(LossTerm):
+    """L1 between the condition depth and the depth rendered from the one-step estimate's decoded geometry.
+    Samples with t below `min_t` are left out: their x̂1 is a blur whose rendered depth says nothing yet."""
+
+    min_t: float = Field(default=0.5, ge=0, le=1)
+    # The condition images are rendered at this size for the loss (the data's size when larger is downsampled).
+    image_size: PositiveInt = 64
+
+
 class StructureLossConfig(Strict):
     flow_matching: LossTerm = LossTerm(weight=1.0)
-    depth_guidance: LossTerm = LossTerm(weight=0.3)
+    depth_guidance: DepthGuidanceTerm = DepthGuidanceTerm(weight=0.3)
+    # The coarse-occupancy flow's own flow-matching loss (it trains beside the latent flow, same batch).
+    occupancy: LossTerm = LossTerm(weight=1.0)
+
+
+class OccupancyFlowConfig(Strict):
+    """The sparse-structure flow: a DiT over the dense occupancy of the latent grid, `patch`³ cells per token
+    (space-to-depth: lossless, so no second VAE). Its sample's occupied cells are the latent flow's coordinates."""
+
+    width: PositiveInt = 768
+    depth: PositiveInt = 12
+    num_heads: PositiveInt = 12
+    mlp_ratio: PositiveFloat = 4.0
+    patch: PositiveInt = 4
+
+    @property
+    def mlp_hidden(self) -> int:
+        return int(self.mlp_ratio) if self.mlp_ratio > 16 else round(self.width * self.mlp_ratio)
+
+
+class SamplingConfig(Strict):
+    """Generation (validation samples, `interiorfusion generate`): ODE sampler, steps and CFG scales."""
+
+    method: Literal["euler", "heun"] = "euler"
+    steps: PositiveInt = 25
+    occupancy_steps: PositiveInt = 25
+    cfg_scale: float = Field(default=3.0, ge=0, le=50)
+    # Per-modality guidance on top (1: none), e.g. {image: 2.0}. Keys: interiorfusion_structure.conditions.
+    cfg_modality: dict[str, float] = Field(default_factory=dict)
+    # Occupancy probability above which a latent cell is generated (the flow's ±1 target: threshold 0).
+    occupancy_threshold: float = Field(default=0.0, ge=-1, le=1)
+    seed: NonNegativeInt = 0
+
+
+class StructureEvalConfig(Strict):
+    """Held-out generation after training (eval.json, MLflow): scenes from the split's condition views."""
+
+    split: str = "val"
+    samples: NonNegativeInt = 8
+    # F-score thresholds in metres (metric frame) and the points per scene for Chamfer.
+    fscore_thresholds: list[PositiveFloat] = Field(default_factory=lambda: [0.05, 0.1])
+    max_points: PositiveInt = 20000
+    # Validation logs this many generated previews to MLflow at each `training.val_every`.
+    log_samples: NonNegativeInt = 2
 
 
 class DiTStageConfig(TrainableStageConfig):
@@ -107,3 +180,8 @@ class DiTStructureConfig(DiTStageConfig):
     signature: ClassVar[tuple[str, ...]] = ("loss.flow_matching", "loss.depth_guidance", "flow_matching",
                                             "model.width")
     loss: StructureLossConfig = Field(default_factory=StructureLossConfig)
+    occupancy: OccupancyFlowConfig = Field(default_factory=OccupancyFlowConfig)
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig)
+    eval: StructureEvalConfig = Field(default_factory=StructureEvalConfig)
+    # Tokens per micro-batch cap (latent cells) on top of training.batch_size samples.
+    max_tokens: PositiveInt = 262144
