@@ -36,11 +36,13 @@ QUICK_ARGS = {
     "data_pipeline": ["--scenes", "4", "--resolution", "64", "--image-size", "32", "--views", "1", "--epochs", "1"],
     "engine_overhead": ["--steps", "20", "--warmup", "2", "--rounds", "1", "--width", "128"],
     "gpu_check": ["--no-vae", "--steps", "1", "--encode-scenes", "3"],
+    "structure_feature_cache": ["--images", "4", "--image-size", "64", "--batch", "2", "--epochs", "2",
+                                "--hidden", "64", "--layers", "2"],
 }
 
 
 # Table order; scripts not named here follow alphabetically.
-ORDER = ["sparse_conv", "vae_scaling", "data_pipeline", "engine_overhead", "gpu_check"]
+ORDER = ["sparse_conv", "vae_scaling", "data_pipeline", "engine_overhead", "structure_feature_cache", "gpu_check"]
 
 
 def discover(scripts: Path) -> list[str]:

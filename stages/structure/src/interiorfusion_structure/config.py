@@ -17,7 +17,7 @@ Interpretations of the seed:
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
@@ -28,20 +28,79 @@ from interiorfusion_core.config.base import (
     PositiveFloat,
     PositiveInt,
     PretrainedRef,
+    Probability,
     StageSpec,
     Strict,
     TrainableStageConfig,
 )
 
+Modality = Literal["image", "depth", "layout", "semantic", "camera"]
+MODALITIES: tuple[Modality, ...] = ("image", "depth", "layout", "semantic", "camera")
+
+
+class ConditionDropout(Strict):
+    """Per-modality probability that a training sample sees the modality's null token instead (classifier-free
+    guidance needs the model to have seen every condition missing)."""
+
+    image: Probability = 0.1
+    depth: Probability = 0.1
+    layout: Probability = 0.1
+    semantic: Probability = 0.1
+    # The camera places the image in the voxel frame; the sampler always knows it, so it is never dropped.
+    camera: Probability = 0.0
+
 
 class ConditioningConfig(Strict):
+    """The condition tokens the DiT cross-attends to (interiorfusion_structure.conditions,
+    docs/structure-conditions.md)."""
+
+    # The condition-token width D every modality is projected to; the DiT projects D to its own width.
+    width: PositiveInt = 1024
+    # Modalities left out are not built at all (no frozen encoder is loaded for them).
+    modalities: list[Modality] = Field(default_factory=lambda: list(MODALITIES))
+    dropout: ConditionDropout = Field(default_factory=ConditionDropout)
     image_encoder: PretrainedRef = PretrainedRef(source="facebook/dinov3-vitl16-pretrain-lvd1689m")
-    image_dim: PositiveInt = 1024
+    # transformers DINOv3ViTConfig kwargs for `image_encoder.random_init` (tests, smoke); None: a tiny default.
+    image_encoder_config: dict[str, Any] | None = None
+    image_dim: PositiveInt = 1024  # the image encoder's hidden size (checked when it is built)
     depth_dim: PositiveInt = 256
+    # Channels of the depth CNN's stride-2 blocks before the last one (which has depth_dim): 4 blocks = stride 16.
+    depth_channels: list[PositiveInt] = Field(default_factory=lambda: [32, 64, 128])
     layout_dim: PositiveInt = 512
+    layout_layers: PositiveInt = 4
+    layout_heads: PositiveInt = 8
+    # Statements beyond this many (walls, doors, windows first, then boxes) are dropped.
+    max_layout_tokens: PositiveInt = 256
     semantic_encoder: PretrainedRef = PretrainedRef(source="facebook/mask2former-swin-large-ade-semantic")
-    semantic_dim: PositiveInt = 256
+    # transformers Mask2FormerConfig kwargs for `semantic_encoder.random_init`; None: a tiny default (Swin 16).
+    semantic_encoder_config: dict[str, Any] | None = None
+    semantic_dim: PositiveInt = 256  # Mask2Former's pixel-decoder feature_size (checked when it is built)
+    # Pixel-decoder levels that become tokens, coarse to fine: 0 = 1/32, 1 = 1/16, 2 = 1/8 of image_size.
+    semantic_levels: list[Annotated[int, Field(ge=0, le=2)]] = Field(default_factory=lambda: [0, 1])
+    camera_dim: PositiveInt = 256
     image_size: int = Field(default=512, ge=16, le=4096, multiple_of=16)  # ViT patch 16
+    # Frozen features are computed once per image and resolution and stored beside the data.
+    feature_cache: bool = True
+
+    @model_validator(mode="after")
+    def _check(self) -> ConditioningConfig:
+        if not self.modalities:
+            raise ValueError("modalities is empty: the DiT needs at least one condition (e.g. [camera])")
+        if len(set(self.modalities)) != len(self.modalities):
+            raise ValueError(f"modalities {self.modalities} names a modality twice")
+        if len(set(self.semantic_levels)) != len(self.semantic_levels) or not self.semantic_levels:
+            raise ValueError(f"semantic_levels {self.semantic_levels} must be distinct levels among 0, 1, 2")
+        if self.layout_dim % self.layout_heads:
+            raise ValueError(f"layout_dim {self.layout_dim} is not divisible by layout_heads {self.layout_heads}")
+        for ref, extra in (("image_encoder", self.image_encoder_config),
+                           ("semantic_encoder", self.semantic_encoder_config)):
+            if extra is not None and not getattr(self, ref).random_init:
+                raise ValueError(f"{ref}_config is only used with {ref}.random_init: true (pretrained weights "
+                                 "bring their own config)")
+        return self
+
+    def enabled(self, modality: str) -> bool:
+        return modality in self.modalities
 
 
 class AttentionConfig(Strict):
