@@ -17,6 +17,9 @@ from testservers import BIN, REPO, S3Server, free_port, start_s3, stop, wait_htt
 
 from interiorfusion_core.testing import start_mlflow
 
+# Session-wide stage outputs (smoke data, VAE, structure stage) shared by tests/vae, tests/structure, ...
+pytest_plugins = ["stage_outputs"]
+
 # Never write into the repository's own .interiorfusion/ from tests; every test session gets a fresh home.
 _SESSION_HOME = Path(tempfile.mkdtemp(prefix="interiorfusion-tests-"))
 os.environ["INTERIORFUSION_HOME"] = str(_SESSION_HOME)

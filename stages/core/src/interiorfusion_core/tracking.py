@@ -271,9 +271,12 @@ class Tracker:
             self.log_artifact(p)
 
     def log_image(self, image: Any, name: str) -> None:
-        """A PIL image, a HxWx3 uint8 array, or PNG bytes, stored under images/."""
+        """A PIL image, a HxWx3 uint8 array, or PNG bytes, stored under images/ (`name` may hold folders:
+        "samples/step-10.png" → images/samples/step-10.png)."""
+        rel = Path(name)
+        folder = "images" if rel.parent == Path(".") else f"images/{rel.parent.as_posix()}"
         with tempfile.TemporaryDirectory() as tmp:
-            p = Path(tmp) / name
+            p = Path(tmp) / rel.name
             if isinstance(image, bytes | bytearray):
                 p.write_bytes(image)
             else:
@@ -283,7 +286,7 @@ class Tracker:
                 buf = io.BytesIO()
                 img.save(buf, format="PNG")
                 p.write_bytes(buf.getvalue())
-            self.log_artifact(p, "images")
+            self.log_artifact(p, folder)
 
     def log_dataset_input(
         self,

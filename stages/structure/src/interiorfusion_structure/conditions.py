@@ -106,6 +106,29 @@ def load_pretrained(cls: Any, ref: PretrainedRef, key: str, random_config: Mappi
                         f"{key}.random_init: true in tests only).") from exc
 
 
+def check_pretrained(config: ConditioningConfig) -> None:
+    """Fail now, in one sentence, when an enabled frozen encoder's weights are not at hand (a local directory
+    without config.json, a hub id not in the local cache while offline): before any model is built or trained."""
+    refs = [(m, ref) for m, ref in (("image", config.image_encoder), ("semantic", config.semantic_encoder))
+            if config.enabled(m) and not ref.random_init]
+    for modality, ref in refs:
+        key = f"{CONFIG_KEY}.{modality}_encoder"
+        path = Path(ref.source).expanduser()
+        local = path.exists() or ref.source.startswith(("/", ".", "~")) or ref.source.count("/") != 1
+        if local:
+            if not (path / "config.json").is_file():
+                raise UserError(f"{key}.source: the local directory {ref.source!r} does not exist or holds no "
+                                f"config.json; download the weights there or point source at the directory that "
+                                f"holds them (or set {key}.random_init: true in tests only).")
+        elif _hub_offline():
+            from huggingface_hub import try_to_load_from_cache
+
+            if not isinstance(try_to_load_from_cache(ref.source, "config.json"), str):
+                raise UserError(f"{key}.source: {ref.source!r} is not in the local Hugging Face cache and cannot be "
+                                f"downloaded here; download it ahead of time (`hf download {ref.source}`) or set "
+                                f"source to a local directory (or set {key}.random_init: true in tests only).")
+
+
 def _prepare(rgb: torch.Tensor, size: int, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
     """(B, 3, H, W) in [0, 1] → resized to size × size and ImageNet-normalised, in the encoder's dtype/device."""
     x = rgb.to(device=mean.device, dtype=torch.float32)

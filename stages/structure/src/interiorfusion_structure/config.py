@@ -211,9 +211,10 @@ class SamplingConfig(Strict):
 
 
 class StructureEvalConfig(Strict):
-    """Held-out generation after training (eval.json, MLflow): scenes from the split's condition views."""
+    """Held-out generation after training (eval.json, MLflow): scenes from the splits' condition views. The first
+    split is also the validation split (losses and the previews logged at each validation)."""
 
-    split: str = "val"
+    splits: list[str] = Field(default_factory=lambda: ["val", "test"], min_length=1)
     samples: NonNegativeInt = 8
     # F-score thresholds in metres (metric frame) and the points per scene for Chamfer.
     fscore_thresholds: list[PositiveFloat] = Field(default_factory=lambda: [0.05, 0.1])

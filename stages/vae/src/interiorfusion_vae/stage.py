@@ -96,3 +96,28 @@ def load_trained(ctx: StageContext, checkpoint: str, config: VAEPretrainConfig,
     model.load_state_dict(load_file(str(path)))
     path.unlink(missing_ok=True)
     return model.to(device).eval()
+
+
+def load_vae_output(source: Any, device: torch.device | str = "cpu", work_dir: Path | None = None
+                    ) -> SLATInteriorVAE:
+    """The trained VAE of a completed VAE stage output (its URI, store or the StageInput a downstream stage got),
+    with the config it was trained with, in eval mode on `device`: what the DiT stages decode through."""
+    import tempfile
+
+    from safetensors.torch import load_file
+
+    from interiorfusion_core.errors import UserError
+    from interiorfusion_core.manifest import read_manifest
+    from interiorfusion_core.storage import ArtifactStore, open_store
+
+    uri = getattr(source, "uri", source)
+    store = source if isinstance(source, ArtifactStore) else open_store(str(uri))
+    manifest = read_manifest(store)
+    if manifest.stage != "vae" or "checkpoint" not in manifest.outputs:
+        raise UserError(f"{store.uri}: is an output of stage '{manifest.stage}', not a trained VAE")
+    config = VAEPretrainConfig.model_validate(manifest.config)
+    with tempfile.TemporaryDirectory(prefix="interiorfusion-vae-", dir=work_dir) as tmp:
+        path = store.get_file(f"{manifest.outputs['checkpoint']}/model.safetensors", Path(tmp) / "vae.safetensors")
+        model = build_vae(config)
+        model.load_state_dict(load_file(str(path)))
+    return model.to(device).eval()

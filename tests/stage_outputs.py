@@ -1,5 +1,6 @@
-"""Stage outputs the VAE tests share: the smoke data (seconds) and one trained smoke VAE (about two minutes on two
-cores), each made once per test session whichever VAE test modules use them."""
+"""Stage outputs several test packages share, each made once per test session: the smoke data (seconds), one trained
+smoke VAE (about two minutes on two cores) and one structure stage trained on its latents. Registered as a pytest
+plugin by tests/conftest.py so tests/vae and tests/structure use the same runs."""
 
 from __future__ import annotations
 
@@ -23,3 +24,11 @@ def vae_smoke(smoke_data: str, tmp_path_factory: pytest.TempPathFactory) -> tupl
     vae = run_stage("vae", REPO / "configs/smoke/vae.yaml", inputs={"data": smoke_data},
                     output=(root / "vae").as_uri())
     return vae, smoke_data
+
+
+@pytest.fixture(scope="session")
+def structure_smoke(vae_smoke: tuple[RunOutcome, str], tmp_path_factory: pytest.TempPathFactory) -> RunOutcome:
+    """The smoke structure stage trained on `vae_smoke`'s latents (about a minute on two cores)."""
+    root = tmp_path_factory.mktemp("structure-smoke")
+    return run_stage("structure", REPO / "configs/smoke/structure.yaml", inputs={"latents": vae_smoke[0].uri},
+                     output=(root / "structure").as_uri())
