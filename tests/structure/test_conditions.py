@@ -85,7 +85,7 @@ def segments(out: ConditionTokens, b: int) -> dict[str, torch.Tensor]:
 def test_tokens_are_packed_per_sample_in_modality_order(scene: Any, frozen: Any) -> None:
     torch.manual_seed(1)
     enc = ConditionEncoder(tiny()).eval()
-    out = enc(with_features(make_batch(scene), frozen))
+    out = enc.encode(with_features(make_batch(scene), frozen))
     n_layout = len(parse_layout(scene[0]))
     # Sample 0 has a layout; sample 1's text is empty and sample 2 has has_layout false: the null token each.
     expected = [sum(COUNTS.values()) + k for k in (n_layout, 1, 1)]
@@ -108,8 +108,8 @@ def test_forced_drop_replaces_a_modality_by_its_null_token(scene: Any, frozen: A
     torch.manual_seed(1)
     enc = ConditionEncoder(tiny()).eval()
     batch = with_features(make_batch(scene), frozen)
-    full = enc(batch)
-    dropped = enc(batch, drop={"layout": torch.tensor([True, False, False]), "image": torch.tensor([False, True,
+    full = enc.encode(batch)
+    dropped = enc.encode(batch, drop={"layout": torch.tensor([True, False, False]), "image": torch.tensor([False, True,
                                                                                                      False])})
     s0, s1, s2 = (segments(dropped, b) for b in range(3))
     assert torch.equal(s0["layout"], enc.null[MODALITY_ID["layout"]][None])
@@ -119,15 +119,15 @@ def test_forced_drop_replaces_a_modality_by_its_null_token(scene: Any, frozen: A
     assert dropped.lengths.tolist() == [full.lengths[0] - len(parse_layout(scene[0])) + 1,
                                         full.lengths[1] - COUNTS["image"] + 1, full.lengths[2]]
     with pytest.raises(ValueError, match="unknown modalities"):
-        enc(batch, drop={"colour": torch.ones(3, dtype=torch.bool)})
+        enc.encode(batch, drop={"colour": torch.ones(3, dtype=torch.bool)})
 
 
 def test_dropping_everything_ignores_the_inputs(scene: Any, frozen: Any) -> None:
     torch.manual_seed(1)
     enc = ConditionEncoder(tiny()).eval()
-    a = enc(with_features(make_batch(scene, seed=0), frozen), drop=drop_mask(3))
-    b = enc(with_features(make_batch(scene, seed=7), frozen), drop=drop_mask(3))
-    bare = enc({"rgb": torch.zeros(3, 3, 8, 8)}, drop=drop_mask(3))  # nothing of a dropped modality is read
+    a = enc.encode(with_features(make_batch(scene, seed=0), frozen), drop=drop_mask(3))
+    b = enc.encode(with_features(make_batch(scene, seed=7), frozen), drop=drop_mask(3))
+    bare = enc.encode({"rgb": torch.zeros(3, 3, 8, 8)}, drop=drop_mask(3))  # nothing of a dropped modality is read
     for other in (b, bare):
         assert torch.equal(a.tokens, other.tokens) and torch.equal(a.pooled, other.pooled)
     assert a.lengths.tolist() == [len(MODALITIES)] * 3
@@ -137,11 +137,11 @@ def test_dropping_everything_ignores_the_inputs(scene: Any, frozen: Any) -> None
 def test_training_dropout_follows_the_configured_probabilities(scene: Any, frozen: Any) -> None:
     batch = with_features(make_batch(scene), frozen)
     always = ConditionEncoder(tiny(dropout={m: 1.0 for m in MODALITIES})).train()
-    assert always(batch).lengths.tolist() == [len(MODALITIES)] * 3
+    assert always.encode(batch).lengths.tolist() == [len(MODALITIES)] * 3
     never = ConditionEncoder(tiny(dropout={m: 0.0 for m in MODALITIES})).train()
-    assert never(batch).lengths.tolist() == never.eval()(batch).lengths.tolist()
+    assert never.encode(batch).lengths.tolist() == never.eval().encode(batch).lengths.tolist()
     # Training with `drop` given: forced, not sampled (the probabilities are ignored).
-    assert always.train()(batch, drop={}).lengths.tolist() == never(batch).lengths.tolist()
+    assert always.train().encode(batch, drop={}).lengths.tolist() == never.encode(batch).lengths.tolist()
 
 
 def test_missing_weights_are_a_one_sentence_user_error_naming_the_key(monkeypatch: pytest.MonkeyPatch,
@@ -238,7 +238,7 @@ def test_layout_of_a_procedural_scene(scene: Any) -> None:
 
 def test_gradients_reach_the_trained_parts_and_not_the_frozen_ones(scene: Any, frozen: Any) -> None:
     enc = ConditionEncoder(tiny(dropout={m: 0.0 for m in MODALITIES})).train()
-    out = enc(with_features(make_batch(scene), frozen))
+    out = enc.encode(with_features(make_batch(scene), frozen))
     (out.tokens.square().mean() + out.pooled.square().mean()).backward()
     grads = {n: p.grad for n, p in enc.named_parameters()}
     assert all(g is not None for g in grads.values())  # even the unused null tokens (DDP needs every grad)

@@ -18,7 +18,8 @@ import logging
 import math
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -79,7 +80,30 @@ def _hub_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
 
 
+@contextmanager
+def replicated_build() -> Iterator[None]:
+    """transformers builds (and loads) a model under DeepSpeed's zero.Init whenever a ZeRO-3 config is registered
+    with it, which accelerate does under ZeRO-3: a frozen encoder built then would be partitioned, and called
+    outside the DeepSpeed engine nobody would gather its weights. Frozen encoders stay whole on every rank."""
+    try:
+        from transformers.integrations import deepspeed as hf_deepspeed
+    except ImportError:
+        yield
+        return
+    saved = hf_deepspeed._hf_deepspeed_config_weak_ref  # transformers keeps no public "suspend" switch
+    hf_deepspeed._hf_deepspeed_config_weak_ref = None
+    try:
+        yield
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = saved
+
+
 def load_pretrained(cls: Any, ref: PretrainedRef, key: str, random_config: Mapping[str, Any]) -> nn.Module:
+    with replicated_build():
+        return _load_pretrained(cls, ref, key, random_config)
+
+
+def _load_pretrained(cls: Any, ref: PretrainedRef, key: str, random_config: Mapping[str, Any]) -> nn.Module:
     """`cls.from_pretrained(ref.source)`, or `cls(config)` from `random_config` when `ref.random_init`. A source
     that cannot be loaded is a UserError naming `key`: random weights are never a silent fallback."""
     if ref.random_init:
@@ -337,6 +361,29 @@ class DepthEncoder(nn.Module):
         return self.net(x)
 
 
+class LayoutBlock(nn.Module):
+    """A pre-norm transformer encoder layer over padded statements. Not torch's nn.TransformerEncoderLayer: its
+    attention reads `out_proj.weight` without calling `out_proj`, so ZeRO-3 (which gathers a module's weights in
+    that module's own forward) would never gather it."""
+
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.norm1 = nn.LayerNorm(dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """x [B, L, dim], mask [B, L] (true = a statement): padded keys are never attended to."""
+        B, L, D = x.shape
+        q, k, v = self.qkv(self.norm1(x)).view(B, L, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
+        att = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :])
+        x = x + self.proj(att.transpose(1, 2).reshape(B, L, D))
+        return x + self.mlp(self.norm2(x))
+
+
 class LayoutEncoder(nn.Module):
     """One token per statement: kind embedding + class embedding (boxes) + MLP(params, kind one-hot), then a
     transformer encoder without positions (statement order carries no meaning)."""
@@ -347,9 +394,7 @@ class LayoutEncoder(nn.Module):
         self.class_embed = nn.Embedding(num_classes + 1, dim)  # the last row: "not a box"
         self.params = nn.Sequential(nn.Linear(LAYOUT_PARAMS + len(LAYOUT_KINDS), dim), nn.SiLU(),
                                     nn.Linear(dim, dim))
-        layer = nn.TransformerEncoderLayer(dim, heads, 4 * dim, dropout=0.0, activation="gelu", batch_first=True,
-                                           norm_first=True)
-        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.layers = nn.ModuleList(LayoutBlock(dim, heads) for _ in range(layers))
         self.norm = nn.LayerNorm(dim)
         self.num_classes = num_classes
 
@@ -360,7 +405,9 @@ class LayoutEncoder(nn.Module):
         onehot = F.one_hot(kinds, len(LAYOUT_KINDS)).to(params.dtype)
         cls = torch.where(classes < 0, self.num_classes, classes)
         x = self.kind_embed(kinds) + self.class_embed(cls) + self.params(torch.cat([params, onehot], -1))
-        return self.norm(self.encoder(x, src_key_padding_mask=~mask))
+        for layer in self.layers:
+            x = layer(x, mask)
+        return self.norm(x)
 
 
 def grid_position_embedding(h: int, w: int, dim: int, device: torch.device | None = None) -> torch.Tensor:
@@ -536,7 +583,12 @@ class ConditionEncoder(nn.Module):
         p = self.config.dropout
         return {m: torch.rand(batch_size) < getattr(p, m) for m in self.modalities}
 
-    def forward(self, batch: Mapping[str, Any], drop: Mapping[str, torch.Tensor] | None = None) -> ConditionTokens:
+    def encode(self, batch: Mapping[str, Any], drop: Mapping[str, torch.Tensor] | None = None) -> ConditionTokens:
+        """The condition tokens of a batch (see `forward`), as a ConditionTokens."""
+        return ConditionTokens(*self(batch, drop))
+
+    def forward(self, batch: Mapping[str, Any], drop: Mapping[str, torch.Tensor] | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """`batch`: the chosen view's rgb/depth/intrinsics/cam_to_world, origin, cube_size (or voxel_size ×
         resolution), layout_text, has_layout, and the frozen features (`frozen_features`). `drop`: modality →
         bool [B], forcing which samples see that modality's null token (else sampled in training, none in eval).
@@ -552,7 +604,11 @@ class ConditionEncoder(nn.Module):
             if keep.any():
                 toks = self._layout(batch, keep) if m == "layout" else getattr(self, f"_{m}")(batch)
             elif self.training:
-                anchor = anchor + sum(p.sum() for n, p in self.named_parameters() if n.startswith(m)) * 0
+                # Dropped for the whole batch: still run it (weight 0) so every parameter gets its gradient, and
+                # through its own module calls (ZeRO-3 gathers a module's weights only inside its forward).
+                unused = self._layout(batch, ~keep) if m == "layout" else getattr(self, f"_{m}")(batch)
+                parts = unused if isinstance(unused, list) else [unused]
+                anchor = anchor + sum(t.sum() for t in parts if t is not None and t.numel()) * 0
             for b in range(bsz):
                 t = None if toks is None or not keep[b] else toks[b]
                 if t is None or len(t) == 0:
@@ -566,7 +622,9 @@ class ConditionEncoder(nn.Module):
         modality = torch.tensor([MODALITY_ID[m] for s in per_sample for m, t in zip(self.modalities, s, strict=True)
                                  for _ in range(len(t))], dtype=torch.int64)
         dev = tokens.device
-        return ConditionTokens(tokens, lengths.to(dev), pooled, modality.to(dev))
+        # Plain tensors out (ConditionTokens is built by `encode`): ZeRO-3 hooks a module's outputs to re-gather its
+        # own parameters (the null and type embeddings) for backward, and cannot see inside a dataclass.
+        return tokens, lengths.to(dev), pooled, modality.to(dev)
 
 
 def _need(batch: Mapping[str, Any], key: str, modality: str) -> Any:

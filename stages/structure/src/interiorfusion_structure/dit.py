@@ -50,6 +50,24 @@ class Context:
     pooled: torch.Tensor  # [B, width]
 
 
+class Linear(nn.Linear):
+    """nn.Linear initialised in its own constructor: under DeepSpeed's zero.Init a module's parameters are
+    partitioned as soon as its __init__ returns, so an init pass over the finished model would see empty shards.
+    `init`: xavier (DiT's default), zeros (layers that must start at 0) or normal (std 0.02, the timestep MLP)."""
+
+    def __init__(self, in_features: int, out_features: int, init: str = "xavier"):
+        super().__init__(in_features, out_features)
+        if init == "xavier":
+            nn.init.xavier_uniform_(self.weight)
+        elif init == "zeros":
+            nn.init.zeros_(self.weight)
+        elif init == "normal":
+            nn.init.normal_(self.weight, std=0.02)
+        else:
+            raise ValueError(f"unknown init {init!r}")
+        nn.init.zeros_(self.bias)
+
+
 def timestep_embedding(t: torch.Tensor, dim: int = FREQ_DIM, max_period: float = 10000.0) -> torch.Tensor:
     half = dim // 2
     freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
@@ -65,10 +83,10 @@ class SelfAttention(nn.Module):
     def __init__(self, width: int, heads: int, qk_norm: bool, backend: str):
         super().__init__()
         self.heads, self.head_dim, self.backend = heads, width // heads, backend
-        self.qkv = nn.Linear(width, 3 * width)
+        self.qkv = Linear(width, 3 * width)
         self.q_norm = nn.RMSNorm(self.head_dim, eps=1e-6) if qk_norm else nn.Identity()
         self.k_norm = nn.RMSNorm(self.head_dim, eps=1e-6) if qk_norm else nn.Identity()
-        self.proj = nn.Linear(width, width)
+        self.proj = Linear(width, width)
 
     def forward(self, x: torch.Tensor, segments: Segments, rope: tuple[torch.Tensor, torch.Tensor] | None,
                 partition: WindowPartition | None) -> torch.Tensor:
@@ -89,11 +107,12 @@ class CrossAttention(nn.Module):
     def __init__(self, width: int, heads: int, qk_norm: bool, backend: str):
         super().__init__()
         self.heads, self.head_dim, self.backend = heads, width // heads, backend
-        self.q = nn.Linear(width, width)
-        self.kv = nn.Linear(width, 2 * width)
+        self.q = Linear(width, width)
+        self.kv = Linear(width, 2 * width)
         self.q_norm = nn.RMSNorm(self.head_dim, eps=1e-6) if qk_norm else nn.Identity()
         self.k_norm = nn.RMSNorm(self.head_dim, eps=1e-6) if qk_norm else nn.Identity()
-        self.proj = nn.Linear(width, width)
+        # Zero: the untrained network ignores its conditions (PixArt-α's cross-attention init).
+        self.proj = Linear(width, width, init="zeros")
 
     def forward(self, x: torch.Tensor, segments: Segments, context: Context) -> torch.Tensor:
         T, K = x.shape[0], context.tokens.shape[0]
@@ -106,9 +125,9 @@ class CrossAttention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, width: int, hidden: int):
         super().__init__()
-        self.fc1 = nn.Linear(width, hidden)
+        self.fc1 = Linear(width, hidden)
         self.act = nn.GELU(approximate="tanh")
-        self.fc2 = nn.Linear(hidden, width)
+        self.fc2 = Linear(hidden, width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(self.act(self.fc1(x)))
@@ -155,32 +174,18 @@ class DiT(nn.Module):
             raise ValueError(f"attention must be 'full' or 'window', got {attention!r}")
         self.width, self.attention_kind, self.window, self.full_every = width, attention, window, full_every
         self.gradient_checkpointing = gradient_checkpointing
-        self.x_embed = nn.Linear(in_channels, width)
-        self.t_embed = nn.Sequential(nn.Linear(FREQ_DIM, width), nn.SiLU(), nn.Linear(width, width))
-        self.cond_proj = nn.Linear(cond_width, width)
-        self.pool_proj = nn.Linear(cond_width, width)
-        self.adaln = nn.Sequential(nn.SiLU(), nn.Linear(width, 6 * width))  # the one shared modulation MLP
+        self.x_embed = Linear(in_channels, width)
+        self.t_embed = nn.Sequential(Linear(FREQ_DIM, width, "normal"), nn.SiLU(), Linear(width, width, "normal"))
+        self.cond_proj = Linear(cond_width, width)
+        self.pool_proj = Linear(cond_width, width)
+        # The one shared modulation MLP, zero at first: every block starts as its scale_shift_table says.
+        self.adaln = nn.Sequential(nn.SiLU(), Linear(width, 6 * width, "zeros"))
         self.blocks = nn.ModuleList(DiTBlock(width, heads, mlp_hidden, qk_norm, backend) for _ in range(depth))
         self.final_norm = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
         self.final_table = nn.Parameter(torch.randn(2, width) / width**0.5)
-        self.out = nn.Linear(width, out_channels)
+        # Zero output layer: the untrained network predicts velocity 0 (DiT / PixArt-α initialisation).
+        self.out = Linear(width, out_channels, init="zeros")
         self.rope = Rope3D(width // heads, rope_theta) if rope else None
-        self._init_weights()
-
-    def _init_weights(self) -> None:
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                nn.init.zeros_(m.bias)
-        for layer in self.t_embed:
-            if isinstance(layer, nn.Linear):
-                nn.init.normal_(layer.weight, std=0.02)
-        # Zero modulation, cross-attention output and final layer: the untrained network predicts velocity 0 and
-        # each block starts near the identity (DiT / PixArt-α initialisation).
-        nn.init.zeros_(self.adaln[1].weight)
-        for block in self.blocks:
-            nn.init.zeros_(block.cross_attention.proj.weight)
-        nn.init.zeros_(self.out.weight)
 
     def block_uses_window(self, i: int) -> bool:
         if self.attention_kind != "window":

@@ -68,7 +68,7 @@ class StructureModel(nn.Module):
 
     def encode_conditions(self, batch: Mapping[str, Any],
                           drop: Mapping[str, torch.Tensor] | None = None) -> ConditionTokens:
-        return self.conditions(batch, drop)
+        return self.conditions.encode(batch, drop)
 
     def velocity(self, flow: str, x: FlowInput, cond: ConditionTokens) -> torch.Tensor:
         net = self.latent if flow == "latent" else self.occupancy
