@@ -190,7 +190,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     times cos + i·sin, one complex multiply (a split into halves and a stack would cost several passes and
     copies, forward and backward)."""
     x2 = x.float().unflatten(-1, (-1, 2))
-    if x2.stride(-1) != 1 or any(st % 2 for st in x2.stride()[:-1]):
+    if x2.stride(-1) != 1 or x2.storage_offset() % 2 or any(st % 2 for st in x2.stride()[:-1]):
         x2 = x2.contiguous()  # view_as_complex needs (re, im) adjacent
     rot = torch.view_as_complex(x2) * torch.complex(cos, sin)[:, None, :]
     return torch.view_as_real(rot).flatten(-2).to(x.dtype)
