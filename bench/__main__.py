@@ -35,6 +35,8 @@ QUICK_ARGS = {
     "vae_scaling": ["--resolutions", "32", "64", "--reps", "1", "--render-views", "1", "--budget-s", "10"],
     "data_pipeline": ["--scenes", "4", "--resolution", "64", "--image-size", "32", "--views", "1", "--epochs", "1"],
     "engine_overhead": ["--steps", "20", "--warmup", "2", "--rounds", "1", "--width", "128"],
+    "dit_block": ["--width", "64", "--heads", "2", "--mlp", "128", "--tokens", "256", "--cond-tokens", "16",
+                  "--grid", "16", "--reps", "1", "--threads", "1"],
     "gpu_check": ["--no-vae", "--steps", "1", "--encode-scenes", "3"],
     "structure_feature_cache": ["--images", "4", "--image-size", "64", "--batch", "2", "--epochs", "2",
                                 "--hidden", "64", "--layers", "2"],
@@ -42,7 +44,8 @@ QUICK_ARGS = {
 
 
 # Table order; scripts not named here follow alphabetically.
-ORDER = ["sparse_conv", "vae_scaling", "data_pipeline", "engine_overhead", "structure_feature_cache", "gpu_check"]
+ORDER = ["sparse_conv", "vae_scaling", "data_pipeline", "engine_overhead", "dit_block", "structure_feature_cache",
+         "gpu_check"]
 
 
 def discover(scripts: Path) -> list[str]:

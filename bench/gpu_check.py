@@ -1,7 +1,7 @@
 """Sparse-conv and VAE parity on a device (CUDA by default): the numbers a GPU machine must reproduce before its
 timings mean anything; then the VAE's bf16 training step and its encode job on that device.
 
-    python bench/gpu_check.py [--device auto|cuda|cpu] [--checks parity,bf16,encode] [--json parity.json]
+    python bench/gpu_check.py [--device auto|cuda|cpu] [--checks parity,bf16,encode,dit] [--json parity.json]
 
 --device auto (the default) is CUDA when torch sees a GPU, else CPU: on CPU the same checks run quickly (the
 device-vs-CPU ones are then trivial; spconv-vs-torch is not). bench/gpu_check.sh passes --device cuda.
@@ -34,6 +34,14 @@ Each runs the engine's default train_step plus an optimizer step: finite losses 
 float32, the first loss within 10 % of fp32 at the same weights, and the median time per step after a warm-up.
 --checks encode: the stage's encode job (`interiorfusion_vae.latents.encode_dataset`) with the model on the device
 over a few procedural scenes written for it, timed per sample after a warm-up pass; latents finite and complete.
+--checks dit: the Structure DiT's training step in bf16 under DeepSpeed ZeRO-3 (one process, `deepspeed.initialize`
+with a ZeRO-3 + bf16 config and torch's AdamW: no DeepSpeed ops to compile) at the seed's size (width 1536, 30
+blocks, 12 heads, MLP 8192, 1024-wide condition tokens; ~1.34B parameters) on packed sequences (--dit-samples ×
+--dit-tokens latent tokens, 2113 condition tokens each), timed after --dit-warmup steps. MFU = model FLOPs per step
+(forward + backward = 3 × the forward's linear, self- and cross-attention FLOPs, interiorfusion_structure.planning)
+÷ step time ÷ the GPU's dense bf16 peak (H100 / H200: 989 TFLOPs); target ≥ 45 % (reported, not gated). On CPU
+(or without DeepSpeed) a tiny DiT runs the same step with bf16 weights and a plain AdamW standing in for DeepSpeed:
+it tests the path, its MFU means nothing. Passes when every loss and gradient is finite.
 Exit status 1 when any check fails.
 """
 
@@ -51,7 +59,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-for _src in (*(str(ROOT / "stages" / p / "src") for p in ("core", "data", "vae")), str(ROOT)):
+for _src in (*(str(ROOT / "stages" / p / "src") for p in ("core", "data", "vae", "structure")), str(ROOT)):
     if _src not in sys.path:  # runnable from a checkout without installing the packages
         sys.path.insert(0, _src)
 
@@ -387,6 +395,132 @@ def encode_job_check(device: torch.device, resolution: int, scenes: int, work: P
             "job_metrics": result.metrics, "device_vs_cpu_rel": rel, "pass": bool(ok)}
 
 
+# ---- structure DiT: bf16 step under ZeRO-3, MFU -------------------------------------------------------------
+# (width, depth, heads, mlp hidden, condition width, condition tokens per sample)
+DIT_SIZES = {"seed": (1536, 30, 12, 8192, 1024, 2113), "tiny": (64, 2, 4, 128, 32, 16)}
+# Dense bf16 tensor-core peaks by device-name fragment (TFLOPs); bench/gpu_check.py reports MFU against these.
+PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "4090": 165.2}
+
+
+def peak_bf16_tflops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
+
+
+def _deepspeed_zero3(model: torch.nn.Module, lr: float) -> Any:
+    """One-process DeepSpeed engine: ZeRO-3, bf16, torch's AdamW (DeepSpeed's fused Adam would need nvcc)."""
+    import os
+    import socket
+
+    import deepspeed
+
+    if not torch.distributed.is_initialized():
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "WORLD_SIZE": "1",
+                           "LOCAL_RANK": "0"})
+        deepspeed.init_distributed(dist_backend="nccl")
+    config = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1, "gradient_clipping": 1.0,
+              "bf16": {"enabled": True}, "zero_optimization": {"stage": 3},
+              "optimizer": {"type": "AdamW", "params": {"lr": lr, "weight_decay": 0.01, "torch_adam": True}},
+              "zero_allow_untested_optimizer": True, "steps_per_print": 10**9, "wall_clock_breakdown": False}
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
+    return engine
+
+
+def dit_step_check(device: torch.device, size: str, samples: int, tokens: int, steps: int,
+                   warmup: int) -> dict[str, Any]:
+    """The latent DiT's bf16 training step on packed sequences: ZeRO-3 on CUDA (when DeepSpeed imports), bf16
+    weights + AdamW elsewhere; time per step after the warm-up, MFU from planning.py's FLOP terms."""
+    from interiorfusion_structure.attention import Segments
+    from interiorfusion_structure.dit import DiT, count_parameters
+    from interiorfusion_structure.planning import dit_forward_flops
+
+    width, depth, heads, mlp, cond_width, cond_tokens = DIT_SIZES[size]
+    channels, grid = 64, 64
+    torch.manual_seed(0)
+    with torch.device(device):  # initialised where it runs: 1.34B parameters initialise in seconds on a GPU
+        net = DiT(channels, channels, width=width, depth=depth, heads=heads, mlp_hidden=mlp, cond_width=cond_width)
+    params = count_parameters(net)
+    mode, why = "deepspeed-zero3", None
+    losses: list[float] = []
+    times: list[float] = []
+    grads_ok = True
+    if device.type != "cuda":
+        mode, why = "bf16-standin", "CPU: DeepSpeed ZeRO-3 needs CUDA (bf16 weights + torch AdamW instead)"
+    else:
+        try:
+            import deepspeed  # noqa: F401
+        except Exception as exc:
+            mode, why = "bf16-standin", f"deepspeed not importable ({type(exc).__name__}: {exc})"
+    if mode == "deepspeed-zero3":
+        engine = _deepspeed_zero3(net, 1e-4)
+        forward, backward = engine, engine.backward
+        opt = None
+
+        def step() -> None:
+            nonlocal grads_ok
+            engine.step()
+            norm = engine.get_global_grad_norm()  # ZeRO-3 partitions the gradients: their norm is the check
+            grads_ok &= norm is not None and math.isfinite(float(norm))
+    else:
+        net = net.to(device, torch.bfloat16)
+        opt = torch.optim.AdamW(net.parameters(), lr=1e-4, weight_decay=0.01)
+        forward, backward = net, lambda loss: loss.backward()
+
+        def step() -> None:
+            torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    g = torch.Generator().manual_seed(0)
+    cells = torch.cat([torch.randperm(grid**3, generator=g)[:tokens] for _ in range(samples)])
+    coords = torch.stack([torch.arange(samples).repeat_interleave(tokens), cells // grid**2, cells // grid % grid,
+                          cells % grid], 1).to(device)
+    bf16 = {"device": device, "dtype": torch.bfloat16}
+    x1 = torch.randn(samples * tokens, channels, generator=g).to(**bf16)
+    cond = torch.randn(samples * cond_tokens, cond_width, generator=g).to(**bf16)
+    pooled = torch.randn(samples, cond_width, generator=g).to(**bf16)
+    segs = Segments.from_lengths([tokens] * samples).to(device)
+    csegs = Segments.from_lengths([cond_tokens] * samples).to(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    for i in range(warmup + steps):
+        t = torch.rand(samples, generator=g).to(device)
+        x0 = torch.randn(x1.shape, generator=g).to(**bf16)
+        tt = t.repeat_interleave(tokens)[:, None].to(torch.bfloat16)
+        xt = tt * x1 + (1 - tt) * x0  # rectified flow: t = 1 is data
+        _sync(device)
+        t0 = time.perf_counter()
+        v = forward(xt, coords, segs, t, cond, csegs, pooled)  # t float32: its embedding needs the bits
+        loss = (v.float() - (x1 - x0).float()).square().mean()
+        backward(loss)
+        if opt is not None:
+            grads_ok &= all(bool(torch.isfinite(p.grad).all()) for p in net.parameters() if p.grad is not None)
+        step()
+        _sync(device)
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+        losses.append(float(loss.detach()))
+    f = dit_forward_flops(tokens, width, depth, mlp, cond_tokens)
+    step_flops = 3 * samples * sum(f.values())
+    step_s = statistics.median(times)
+    peak = peak_bf16_tflops(device)
+    achieved = step_flops / step_s
+    mfu = achieved / (peak * 1e12) if peak else None
+    finite = all(math.isfinite(v) for v in losses)
+    if mode == "deepspeed-zero3":
+        torch.distributed.barrier()
+    return {"case": f"DiT W{width} D{depth} H{heads} MLP{mlp}, {samples}×{tokens} tokens", "check": "dit",
+            "mode": mode, "why": why, "params": params, "losses": losses, "step_s": step_s, "step_times_s": times,
+            "step_tflop": step_flops / 1e12, "flop_terms_fwd_per_sample": f, "achieved_tflops": achieved / 1e12,
+            "peak_bf16_tflops": peak, "mfu": mfu, "mfu_target": 0.45,
+            "peak_mem_gb": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+            "finite_losses": finite, "finite_grads": grads_ok, "pass": finite and grads_ok}
+
+
 # ---- main -------------------------------------------------------------------------------------------------
 def environment(device: torch.device) -> dict[str, Any]:
     env: dict[str, Any] = {"python": platform.python_version(), "torch": torch.__version__,
@@ -427,7 +561,10 @@ def print_training(results: list[dict[str, Any]]) -> None:
     print(f"\n{'case':<50}{'check':<16}{'result':>44}")
     print("-" * 116)
     for r in results:
-        if r["check"] == "encode":
+        if r["check"] == "dit":
+            what = (f"{r['mode']}: {r['step_s'] * 1e3:.0f} ms/step, {r['achieved_tflops']:.3g} TFLOP/s"
+                    + (f", MFU {r['mfu']:.1%}" if r["mfu"] is not None else ""))
+        elif r["check"] == "encode":
             what = (f"{r['s_per_sample'] * 1e3:.1f} ms/sample, vs CPU {r['device_vs_cpu_rel']:.1e}")
         else:
             what = (f"loss {r['losses'][0]:.4f} (fp32 {r['fp32_loss']:.4f}), {r['step_s'] * 1e3:.0f} ms/step"
@@ -435,7 +572,7 @@ def print_training(results: list[dict[str, Any]]) -> None:
         print(f"{r['case']:<50}{r['check']:<16}{what:>44}  {'PASS' if r['pass'] else 'FAIL'}")
 
 
-CHECKS = ("parity", "bf16", "encode")
+CHECKS = ("parity", "bf16", "encode", "dit")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -443,12 +580,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="auto", help="auto | cuda | cuda:N | cpu (auto: cuda if available)")
     ap.add_argument("--checks", default=",".join(CHECKS),
                     help="comma-separated, any of: parity (sparse convs and the VAE step against references), bf16 "
-                         "(the VAE's bf16 training step, both engine modes, timed), encode (the encode job, timed); "
-                         "default all")
+                         "(the VAE's bf16 training step, both engine modes, timed), encode (the encode job, timed), "
+                         "dit (the structure DiT's bf16 ZeRO-3 step, MFU); default all")
     ap.add_argument("--no-vae", action="store_true", help="parity: layer cases only")
     ap.add_argument("--resolution", type=int, help="bf16/encode grid (default 128 on CUDA, 32 on CPU)")
-    ap.add_argument("--steps", type=int, help="bf16: timed steps per mode (default 10 on CUDA, 2 on CPU)")
+    ap.add_argument("--steps", type=int, help="bf16 / dit: timed steps (per mode; default 10 on CUDA, 2 on CPU)")
     ap.add_argument("--encode-scenes", type=int, default=4, help="encode: procedural scenes to encode (default 4)")
+    ap.add_argument("--dit-size", choices=sorted(DIT_SIZES), help="dit: seed (default on CUDA) or tiny (on CPU)")
+    ap.add_argument("--dit-samples", type=int, help="dit: packed samples (default 2; 2 on CPU)")
+    ap.add_argument("--dit-tokens", type=int, help="dit: latent tokens per sample (default 8192; 64 on CPU)")
+    ap.add_argument("--dit-warmup", type=int, default=2, help="dit: untimed steps first (default 2)")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch CPU threads for the CPU references (default 1: the grids are tiny, and more threads "
                          "only contend on a shared machine)")
@@ -500,6 +641,11 @@ def main(argv: list[str] | None = None) -> int:
         else:
             with tempfile.TemporaryDirectory(prefix="gpu-check-encode-") as work:
                 training.append(encode_job_check(device, resolution, args.encode_scenes, Path(work)))
+    if "dit" in checks:
+        cuda = device.type == "cuda"
+        training.append(dit_step_check(device, args.dit_size or ("seed" if cuda else "tiny"), args.dit_samples or 2,
+                                       args.dit_tokens or (8192 if cuda else 64), args.steps or (10 if cuda else 2),
+                                       args.dit_warmup))
     if training:
         print_training(training)
         results += training
@@ -520,7 +666,16 @@ def main(argv: list[str] | None = None) -> int:
                             + ("" if spconv_why is None else " (no spconv)"),
                             n - sum(1 for r in failed if r in parity), "", "checks run", n, target="all"))
         for r in training:
-            if r["check"] == "encode":
+            if r["check"] == "dit":
+                headline |= {"dit_step_s": r["step_s"], "dit_mfu": r["mfu"], "dit_mode": r["mode"]}
+                where = device.type if r["peak_bf16_tflops"] is None else torch.cuda.get_device_name(device)
+                if r["mfu"] is not None:
+                    rows.append(row(f"structure DiT bf16 step ({r['mode']}), {r['case']}, {where}: MFU",
+                                    100 * r["mfu"], "%", f"dense bf16 peak {r['peak_bf16_tflops']:g} TFLOPs",
+                                    target="≥ 45 %", ratio=None))
+                rows.append(row(f"structure DiT bf16 step ({r['mode']}), {r['case']}, {where}", r["step_s"],
+                                "s/step"))
+            elif r["check"] == "encode":
                 headline["encode_s_per_sample"] = r["s_per_sample"]
                 rows.append(row(f"VAE encode job on {device.type}, {resolution}³", r["s_per_sample"], "s/sample"))
             else:

@@ -10,10 +10,14 @@
 #    VAE bf16 step and encode job (bench/gpu_check.py --checks bf16,encode): the smoke VAE's training step in bf16
 #    as the engine runs it (autocast; DeepSpeed-style bf16 weights and inputs), finite losses and gradients, time
 #    per step; the stage's encode job with the model on the device, time per sample; a failure also exits 1
+#    structure DiT (bench/gpu_check.py --checks dit): the seed-size latent DiT's bf16 training step under DeepSpeed
+#    ZeRO-3 (one process) on 2 × 8k packed tokens, time per step and MFU against the GPU's dense bf16 peak
+#    (target ≥ 45 %, reported); a tiny DiT with a bf16 stand-in on CPU; non-finite losses or gradients exit 1
 # 3. bench/sparse_conv.py --device cuda: one 32->32 k3 submanifold conv on a 200k-voxel 256³ shell
 # 4. bench/vae_scaling.py --device cuda: VAE train step at 64³/128³/256³, smoke widths (and the torch backend
 #    beside spconv when spconv is there), then the default widths [32, 64, 128, 256, 512] x 2 blocks
-# Everything goes to $OUT: gpu-check.log, nvidia-smi.txt, parity.json, vae_bf16_encode.json, sparse_conv.json,
+# Everything goes to $OUT: gpu-check.log, nvidia-smi.txt, parity.json, vae_bf16_encode.json, dit_zero3.json,
+# sparse_conv.json,
 # vae_scaling*.json, summary.json. Nothing is downloaded: the machine may have no network.
 #
 # Python: $GPU_CHECK_PYTHON, else the first of python3 / ./.venv/bin/python that imports torch. A venv
@@ -27,8 +31,8 @@
 # Python (see docs/sparse.md, "GPU check"); every wheel there whose distribution is not installed yet is
 # installed from that folder alone (--no-index --no-deps), so nothing already there (numpy, torch) is replaced.
 #
-# GPU_CHECK_BUDGET_S (default 480) caps the whole run: each step's timeout is cut to the time left.
-# Exit status: 0 all passed; 1 a parity, bf16-step or encode check failed; 2 a benchmark failed or timed out (parity passed);
+# GPU_CHECK_BUDGET_S (default 600) caps the whole run: each step's timeout is cut to the time left.
+# Exit status: 0 all passed; 1 a parity, bf16-step, encode or DiT-step check failed; 2 a benchmark failed or timed out (parity passed);
 # 3 no usable Python/torch or a dependency missing; 4 no CUDA device (and GPU_CHECK_ALLOW_CPU unset).
 
 set -uo pipefail
@@ -46,7 +50,7 @@ VENV="${GPU_CHECK_VENV:-.interiorfusion/gpu-check-venv}"
 WHEELS="${GPU_CHECK_WHEELS:-gpu-check-wheels}"
 REQUIRED="torch numpy pydantic yaml PIL tqdm trimesh"   # import names: torch numpy pydantic pyyaml pillow tqdm trimesh
 export PYTHONUNBUFFERED=1
-SRC_PATH="$ROOT/stages/core/src:$ROOT/stages/data/src:$ROOT/stages/vae/src"
+SRC_PATH="$ROOT/stages/core/src:$ROOT/stages/data/src:$ROOT/stages/vae/src:$ROOT/stages/structure/src"
 export PYTHONPATH="$SRC_PATH${PYTHONPATH:+:$PYTHONPATH}"
 STARTED=$(date +%s)
 
@@ -96,7 +100,7 @@ if sys.prefix != sys.base_prefix:
 EOF
     "$vpy" -c 'import torch' || return 1
     "$vpy" -m pip install --no-deps --no-index --no-build-isolation --disable-pip-version-check -q \
-        -e stages/core -e stages/data -e stages/vae || return 1
+        -e stages/core -e stages/data -e stages/vae -e stages/structure || return 1
     return 0
 }
 if make_venv; then
@@ -220,7 +224,7 @@ fi
 
 STATUS=0
 BENCH_FAILED=""
-BUDGET="${GPU_CHECK_BUDGET_S:-480}"  # whole script; each step's timeout is cut to what is left
+BUDGET="${GPU_CHECK_BUDGET_S:-600}"  # whole script; each step's timeout is cut to what is left
 run_step() {  # name, timeout seconds, command...
     local name="$1" limit="$2"
     shift 2
@@ -247,6 +251,10 @@ run_step "VAE bf16 training step and encode job ($DEVICE)" 240 "$PY" bench/gpu_c
     --checks bf16,encode --json "$OUT/vae_bf16_encode.json"
 TRAIN_RC=$?
 [ "$TRAIN_RC" -ne 0 ] && STATUS=1
+run_step "structure DiT bf16 ZeRO-3 step, MFU ($DEVICE)" 300 "$PY" bench/gpu_check.py --device "$DEVICE" \
+    --checks dit --json "$OUT/dit_zero3.json"
+DIT_RC=$?
+[ "$DIT_RC" -ne 0 ] && STATUS=1
 
 if [ "$DEVICE" = cuda ]; then
     SPARSE_ARGS=()
@@ -278,7 +286,7 @@ section "summary"
 import json, pathlib, sys
 out = pathlib.Path(sys.argv[1])
 summary = {}
-for name in ("parity", "vae_bf16_encode", "sparse_conv", "vae_scaling", "vae_scaling_torch", "vae_scaling_full"):
+for name in ("parity", "vae_bf16_encode", "dit_zero3", "sparse_conv", "vae_scaling", "vae_scaling_torch", "vae_scaling_full"):
     path = out / f"{name}.json"
     if path.exists():
         data = json.loads(path.read_text())
@@ -299,6 +307,12 @@ if [ "$STATUS" -ne 0 ]; then
     elif [ "$TRAIN_RC" -ne 0 ]; then
         echo "GPU CHECK FAILED: the VAE bf16 step / encode job did not complete (exit $TRAIN_RC; 124 = timed out or" \
             "out of budget)"
+    fi
+    if [ "$DIT_RC" -eq 1 ]; then
+        echo "GPU CHECK FAILED: structure DiT bf16 step (see the FAIL rows above and $OUT/dit_zero3.json)"
+    elif [ "$DIT_RC" -ne 0 ]; then
+        echo "GPU CHECK FAILED: the structure DiT step did not complete (exit $DIT_RC; 124 = timed out or out of" \
+            "budget)"
     fi
     exit 1
 fi

@@ -167,3 +167,33 @@ def test_meta_device_build_allocates_nothing(tmp_path: Path, monkeypatch: pytest
     assert zero0.activations_gib == pytest.approx(act / GIB) and act > 0
     assert zero3.weights_gib == pytest.approx((2 * n / 8 + 4 * h * h) / GIB)  # + the gather buffer
     assert zero3.total_gib == pytest.approx(zero3.weights_gib + 2 * n / 8 / GIB + 12 * n / 8 / GIB + act / GIB)
+
+
+def test_generic_hooks_components_terms_and_measured_tokens(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A model of parts registers components (one left out of the build), FLOPs by term, and a tokens_from hook:
+    the plan lists the parts, sums the terms per phase and feeds measured tokens to every estimate as tokens=."""
+    seen: list[float | None] = []
+
+    def terms(c: Any, phase: Any, tokens: float | None = None) -> dict[str, float]:
+        seen.append(tokens)
+        n = tokens if tokens is not None else 100.0
+        return {"linear": 6.0 * n, "attention": 3.0 * n * n}
+
+    spec = models.ModelSpec(
+        "engine_toy", lambda c: nn.Linear(4, 4), tokens_per_sample=lambda c, phase, tokens=None: tokens or 100.0,
+        flop_terms=terms, components=lambda m: {"body": 20, "encoder": None},
+        tokens_from=lambda c, uri: {512: 1000.0},
+    )
+    monkeypatch.setitem(models._builders, "engine_toy", spec)
+    loaded = load_config(write(tmp_path, TOY))
+    p = plan(loaded, gpus=8, tokens_from="data://x")
+    assert p.components == {"body": 20, "encoder": None} and any("encoder" in n for n in p.notes)
+    first, second = p.phases
+    assert (first.tokens_source, second.tokens_source) == ("estimate", "measured")
+    assert second.tokens_per_sample == 1000.0 and 1000.0 in seen
+    assert second.tflop_terms == pytest.approx({"linear": 6e3 * 256 / 1e12, "attention": 3e6 * 256 / 1e12})
+    assert second.tflop_per_step == pytest.approx(sum(second.tflop_terms.values()))
+    assert p.days_with_checkpointing == pytest.approx(p.days * 4 / 3)  # + one forward: a third of the terms
+    monkeypatch.setitem(models._builders, "engine_toy", dataclasses.replace(spec, tokens_from=None))
+    with pytest.raises(UserError, match="no tokens_from hook"):
+        plan(loaded, tokens_from="data://x")

@@ -201,13 +201,16 @@ def plan(
     mfu: Annotated[float, typer.Option("--mfu", help="Model FLOPs utilisation assumed for step time.")] = 0.4,
     set_: SetOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+    tokens_from: Annotated[str | None, typer.Option(
+        "--tokens-from", help="Tokens per sample measured on this data (e.g. a VAE output URI: its latents' token "
+        "counts per resolution) instead of the model's estimate, where the model supports it.")] = None,
 ) -> None:
     """Estimate parameters, memory per GPU (ZeRO-0/1/2/3, with and without activation checkpointing), FLOPs,
     step time, wall days and cost of a config, beside the seed's hardware table."""
     from interiorfusion_core.engine.planner import plan_command
 
     plan_command(config, gpus=gpus, gpu=gpu, price_per_hour=price_per_hour, mfu=mfu, overrides=tuple(set_ or ()),
-                 as_json=as_json)
+                 as_json=as_json, tokens_from=tokens_from)
 
 
 def _mount_plugins() -> None:

@@ -113,6 +113,8 @@ def _grouped_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qs: Segment
             q.view(qs.count, a, *q.shape[1:]).transpose(1, 2), k.view(ks.count, b, *k.shape[1:]).transpose(1, 2),
             v.view(ks.count, b, *v.shape[1:]).transpose(1, 2))
         return out.transpose(1, 2).reshape_as(q)
+    if exact:
+        return _split_sdpa(q, k, v, lq, lk, groups)
     out = q.new_empty(q.shape)
     q_start, k_start = qs.offsets[:-1], ks.offsets[:-1]
     q_len, k_len = qs.lengths, ks.lengths
@@ -134,6 +136,26 @@ def _grouped_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qs: Segment
             keep = q_valid.reshape(-1)
             out[qi.reshape(-1)[keep]] = res.reshape(-1, *q.shape[1:])[keep]
     return out
+
+
+def _split_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lq: list[int], lk: list[int],
+                groups: dict[tuple[int, int], list[int]]) -> torch.Tensor:
+    """Exact lengths: segments as views (split), stacked per group, outputs concatenated in segment order. Unlike
+    index gathers and scatters, the backward of split / stack / cat is one copy, with no zero-filled buffers."""
+    qs, ks, vs = q.split(lq), k.split(lk), v.split(lk)
+    pieces: list[torch.Tensor | None] = [None] * len(lq)
+    for members in groups.values():
+        res = F.scaled_dot_product_attention(_stack(qs, members).transpose(1, 2), _stack(ks, members).transpose(1, 2),
+                                             _stack(vs, members).transpose(1, 2)).transpose(1, 2)  # [G, a, H, D]
+        for i, r in zip(members, res.unbind(0), strict=True):
+            pieces[i] = r
+    return torch.cat(pieces)
+
+
+def _stack(parts: tuple[torch.Tensor, ...], members: list[int]) -> torch.Tensor:
+    if len(members) == 1:
+        return parts[members[0]].unsqueeze(0)  # a view: no copy
+    return torch.stack([parts[i] for i in members])
 
 
 def _round_up(n: int) -> int:
@@ -164,11 +186,14 @@ class Rope3D(torch.nn.Module):
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate channel pairs (2i, 2i+1) of x [T, H, D] by the token's angles."""
+    """Rotate channel pairs (2i, 2i+1) of x [T, H, D] by the token's angles, in float32: pair (a, b) as a + ib
+    times cos + i·sin, one complex multiply (a split into halves and a stack would cost several passes and
+    copies, forward and backward)."""
     x2 = x.float().unflatten(-1, (-1, 2))
-    c, s = cos[:, None, :], sin[:, None, :]
-    a, b = x2[..., 0], x2[..., 1]
-    return torch.stack([a * c - b * s, a * s + b * c], dim=-1).flatten(-2).to(x.dtype)
+    if x2.stride(-1) != 1 or x2.storage_offset() % 2 or any(st % 2 for st in x2.stride()[:-1]):
+        x2 = x2.contiguous()  # view_as_complex needs (re, im) adjacent
+    rot = torch.view_as_complex(x2) * torch.complex(cos, sin)[:, None, :]
+    return torch.view_as_real(rot).flatten(-2).to(x.dtype)
 
 
 # ------------------------------------------------------------------------------------------------ windows

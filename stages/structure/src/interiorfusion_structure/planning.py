@@ -4,12 +4,20 @@ An interior is not an object: at 1024³ a room has ~6 M surface voxels, so its 6
 occupied cells (an object in TRELLIS.2 has ~4k). Tokens grow with the surface, ∝ R² for a latent grid R³;
 `TOKENS_PER_R2` is fitted to that range (7 · 64² = 28.7k). With full attention the T² term dominates the step
 at that size; windowed attention replaces T keys per query by the tokens of one window.
+
+`STRUCTURE_MODEL` registers kind `dit_structure` with the planner (`interiorfusion plan configs/dit_structure.yaml`):
+parameters per component (latent DiT, occupancy DiT, condition encoder where it can be built), FLOPs by term,
+activations; `--tokens-from <VAE output URI>` replaces the token estimate by the latents' mean tokens per sample at
+each resolution. Every function here takes `tokens=` (the planner passes measured tokens that way).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from torch import nn
+
+from interiorfusion_core.engine.models import register_model_builder
 from interiorfusion_structure.attention import attention_flops, mean_window_tokens
 
 TOKENS_PER_R2 = 7.0
@@ -23,8 +31,10 @@ def latent_grid(config: Any, phase: Any) -> int:
     return max(n // VAE_COMPRESSION, 1)
 
 
-def structure_tokens(config: Any, phase: Any) -> float:
-    """Latent tokens per sample at the phase's resolution."""
+def structure_tokens(config: Any, phase: Any, tokens: float | None = None) -> float:
+    """Latent tokens per sample at the phase's resolution (`tokens`: measured, returned as is)."""
+    if tokens is not None:
+        return float(tokens)
     r = latent_grid(config, phase)
     return min(TOKENS_PER_R2 * r * r, float(r**3))
 
@@ -44,11 +54,11 @@ def dit_forward_flops(tokens: float, width: int, depth: int, mlp_hidden: int, co
     return {"linear": linear, "self_attention": self_attention, "cross_attention": cross_attention}
 
 
-def structure_flop_terms(config: Any, phase: Any) -> dict[str, float]:
+def structure_flop_terms(config: Any, phase: Any, tokens: float | None = None) -> dict[str, float]:
     """Training FLOPs (forward + backward ≈ 3 × forward) per sample, by term, for both flows."""
     m = config.model
     r = latent_grid(config, phase)
-    tokens = structure_tokens(config, phase)
+    tokens = structure_tokens(config, phase, tokens)
     window = None
     if m.attention.kind == "window":
         window = mean_window_tokens(tokens, r, m.attention.window)
@@ -65,21 +75,87 @@ def structure_flop_terms(config: Any, phase: Any) -> dict[str, float]:
     return terms
 
 
-def structure_flops(config: Any, phase: Any) -> float:
-    return sum(structure_flop_terms(config, phase).values())
+def structure_flops(config: Any, phase: Any, tokens: float | None = None) -> float:
+    return sum(structure_flop_terms(config, phase, tokens).values())
 
 
-def structure_activation_bytes(config: Any, phase: Any, micro_batch: int, checkpointing: bool) -> float:
+def structure_activation_bytes(config: Any, phase: Any, micro_batch: int, checkpointing: bool,
+                               tokens: float | None = None) -> float:
     """Saved activations of the latent DiT in bf16: per block ~ (14·W + 2·hidden) values per token (norm and
     modulation outputs, q/k/v, attention output, MLP hidden twice); flash / fused SDPA keeps no T² matrix.
     Checkpointing keeps one W-vector per token per block and recomputes one block at a time."""
     m = config.model
-    tokens = structure_tokens(config, phase)
+    tokens = structure_tokens(config, phase, tokens)
     per_block = tokens * (14 * m.width + 2 * m.mlp_hidden) * 2
     if checkpointing or m.gradient_checkpointing:
         return micro_batch * (m.depth * tokens * m.width * 2 + per_block)
     return micro_batch * m.depth * per_block
 
 
-__all__ = ["TOKENS_PER_R2", "block_params", "dit_forward_flops", "structure_activation_bytes", "structure_flop_terms",
-           "structure_flops", "structure_tokens"]
+# ------------------------------------------------------------------------------------------------ planner
+# The condition tokens' width until the config names it (ConditioningConfig.width): the seed DiT's 1.34B assume it.
+DEFAULT_COND_WIDTH = 1024
+
+
+def condition_width(config: Any) -> int:
+    return int(getattr(config.model.conditioning, "width", DEFAULT_COND_WIDTH))
+
+
+class StructureNetworks(nn.Module):
+    """The two flows alone, for planning where the condition encoder cannot be built (`missing` says why)."""
+
+    def __init__(self, config: Any, missing: str):
+        from interiorfusion_structure.model import DEFAULT_LATENT_CHANNELS, build_dit, build_occupancy_dit
+
+        super().__init__()
+        self.missing = missing
+        cond_width = condition_width(config)
+        self.latent = build_dit(config.model, DEFAULT_LATENT_CHANNELS, cond_width)
+        self.occupancy = build_occupancy_dit(config.occupancy, config.model, cond_width)
+
+
+def build_structure(config: Any) -> nn.Module:
+    """StructureModel(config); without its condition encoder (not importable here) the two flows alone."""
+    from interiorfusion_structure.model import StructureModel
+
+    try:
+        return StructureModel(config)
+    except ImportError as exc:  # conditions.py (or its encoders' packages) absent: plan what can be built
+        return StructureNetworks(config, f"{type(exc).__name__}: {exc}")
+
+
+def _count(module: nn.Module | None) -> int | None:
+    return None if module is None else sum(p.numel() for p in module.parameters())
+
+
+def structure_components(model: nn.Module) -> dict[str, int | None]:
+    return {"latent DiT": _count(model.latent), "occupancy DiT": _count(model.occupancy),
+            "condition encoder": _count(getattr(model, "conditions", None))}
+
+
+def latent_tokens_from(config: Any, uri: str) -> dict[int, float]:
+    """Mean latent tokens per train sample at every resolution a VAE output holds (from its indexes alone)."""
+    from interiorfusion_vae.latents import open_latents
+
+    first = open_latents(uri, "train", require_manifest=False)
+    out = {}
+    for resolution in first.resolutions:
+        ds = first if resolution == first.resolution else open_latents(uri, "train", resolution,
+                                                                      require_manifest=False)
+        counts = ds.token_counts()
+        if len(counts):
+            out[resolution] = float(counts.mean())
+    return out
+
+
+STRUCTURE_MODEL = register_model_builder(
+    "dit_structure", build_structure, tokens_per_sample=structure_tokens, flops_per_sample=structure_flops,
+    activation_bytes=structure_activation_bytes, flop_terms=structure_flop_terms, components=structure_components,
+    tokens_from=latent_tokens_from,
+    description="stage 2: latent flow DiT + coarse-occupancy DiT (+ condition encoder), attention FLOPs counted",
+)
+
+
+__all__ = ["STRUCTURE_MODEL", "TOKENS_PER_R2", "StructureNetworks", "block_params", "build_structure",
+           "dit_forward_flops", "latent_tokens_from", "structure_activation_bytes", "structure_components",
+           "structure_flop_terms", "structure_flops", "structure_tokens"]

@@ -2,6 +2,10 @@
 
     register_model_builder("vae_pretrain", build_vae, tokens_per_sample=..., activation_bytes=...)
 
+When the planner is given measured token counts (`interiorfusion plan --tokens-from URI`, through the spec's
+`tokens_from` hook), it calls `tokens_per_sample`, `flops_per_sample`, `flop_terms` and `activation_bytes` with the
+phase's measured tokens per sample as the keyword `tokens=`; a spec without `tokens_from` is never called so.
+
 Packages outside core register through the `interiorfusion.model_builders` entry-point group: the entry point's
 name is the config kind and it loads a `ModelSpec` (or a plain `fn(config) -> nn.Module`).
 """
@@ -23,6 +27,12 @@ GROUP = "interiorfusion.model_builders"
 PhaseFn = Callable[[Any, Any], float]
 # fn(config, phase, micro_batch, checkpointing) -> activation bytes per GPU for one micro-batch.
 ActivationFn = Callable[[Any, Any, int, bool], float]
+# fn(config, phase) -> training FLOPs per sample by term (e.g. linear / self_attention / cross_attention).
+FlopTermsFn = Callable[[Any, Any], dict[str, float]]
+# fn(model) -> parameters per named component; None: a component this build left out (reported, not counted).
+ComponentsFn = Callable[[nn.Module], dict[str, int | None]]
+# fn(config, uri) -> mean tokens per sample by data resolution, measured on real data (e.g. a VAE's latents).
+TokensFromFn = Callable[[Any, str], dict[int, float]]
 
 
 @dataclass(frozen=True)
@@ -35,6 +45,12 @@ class ModelSpec:
     flops_per_sample: PhaseFn | None = None
     activation_bytes: ActivationFn | None = None
     description: str = ""
+    # Training FLOPs per sample split by term; their sum is the step's FLOPs (takes precedence over
+    # flops_per_sample), and activation checkpointing adds one forward (a third of the sum).
+    flop_terms: FlopTermsFn | None = None
+    # A model made of parts (a backbone, a second network, an encoder): the planner lists each part's parameters.
+    components: ComponentsFn | None = None
+    tokens_from: TokensFromFn | None = None
 
 
 _builders: dict[str, ModelSpec] = {}
@@ -48,8 +64,12 @@ def register_model_builder(
     flops_per_sample: PhaseFn | None = None,
     activation_bytes: ActivationFn | None = None,
     description: str = "",
+    flop_terms: FlopTermsFn | None = None,
+    components: ComponentsFn | None = None,
+    tokens_from: TokensFromFn | None = None,
 ) -> ModelSpec:
-    spec = ModelSpec(kind, build, tokens_per_sample, flops_per_sample, activation_bytes, description)
+    spec = ModelSpec(kind, build, tokens_per_sample, flops_per_sample, activation_bytes, description, flop_terms,
+                     components, tokens_from)
     _builders[kind] = spec
     return spec
 

@@ -12,7 +12,13 @@ Formulas (per GPU; Ψ = parameters, Ψt = trainable parameters, G = GPUs; docs/e
     FLOPs/sample = (4Ψ + 2Ψt)·tokens (= 6·Ψ·tokens when everything trains: forward 2Ψ, backward 4Ψ; frozen weights skip
     their weight gradients), + 2Ψ·tokens with activation checkpointing (the recomputed forward), unless the model
     registers its own flops_per_sample.
+    A model that registers flop_terms (its FLOPs by term, e.g. linear / self-attention / cross-attention) is planned
+    from their sum, and checkpointing adds one forward (a third of it); the plan lists each term per phase.
     step time = FLOPs/step ÷ (G × peak bf16 TFLOPs × MFU);  days = Σ phase steps × step time;  cost = G × hours × $/h.
+
+Tokens per sample come from the model's estimate, or, with `--tokens-from URI` and a model that registers a
+`tokens_from` hook, from real data (e.g. the VAE's latents: mean tokens per sample at each resolution). A model made
+of parts registers `components` and the plan lists each part's parameters.
 """
 
 from __future__ import annotations
@@ -83,6 +89,10 @@ class PhaseRow:
     tflop_per_step: float | None
     step_time_s: float | None
     days: float | None
+    # TFLOP per step by term, when the model registers flop_terms.
+    tflop_terms: dict[str, float] | None = None
+    # Where tokens_per_sample came from: "estimate" or "measured".
+    tokens_source: str = "estimate"
 
 
 @dataclass
@@ -109,6 +119,9 @@ class Plan:
     gpu_hours: float | None = None
     cost: float | None = None
     seed: dict[str, Any] | None = None
+    # Parameters per component (None: left out of this build), when the model registers components.
+    components: dict[str, int | None] | None = None
+    tokens_from: str | None = None
     notes: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
@@ -142,6 +155,7 @@ def plan(
     gpu: str = "a100-80gb",
     price_per_hour: float | None = None,
     mfu: float = 0.4,
+    tokens_from: str | None = None,
 ) -> Plan:
     if gpu not in GPUS:
         raise UserError(f"--gpu {gpu}: unknown GPU (known: {', '.join(GPUS)})")
@@ -157,6 +171,13 @@ def plan(
     if gpus < 1:
         raise UserError("--gpus must be at least 1")
 
+    measured: dict[int, float] = {}
+    if tokens_from is not None:
+        if spec.tokens_from is None:
+            raise UserError(f"--tokens-from: the model builder for '{loaded.kind}' cannot read token counts from data "
+                            "(it registers no tokens_from hook)")
+        measured = {int(k): float(v) for k, v in spec.tokens_from(config, tokens_from).items()}
+
     with torch.device("meta"):  # no memory, no init time: only shapes
         model = spec.build(config)
     params = sum(p.numel() for p in model.parameters())
@@ -169,17 +190,34 @@ def plan(
         config=loaded.path, kind=loaded.kind, gpu=gpu, gpu_label=spec_gpu.label, gpus=gpus, mfu=mfu,
         price_per_hour=price_per_hour if price_per_hour is not None else spec_gpu.price_per_hour,
         params=params, trainable=trainable, largest_tensor=largest, precision=precision, micro_batch=micro,
-        accumulation=ga, global_batch=global_batch, max_steps=training.max_steps,
+        accumulation=ga, global_batch=global_batch, max_steps=training.max_steps, tokens_from=tokens_from,
     )
+    if spec.components is not None:
+        out.components = dict(spec.components(model))
+        left_out = [name for name, n in out.components.items() if n is None]
+        if left_out:
+            out.notes.append(f"parameters and memory leave out the components this build could not make: "
+                             f"{', '.join(left_out)}")
     if gpus != training.num_gpus:
         out.notes.append(f"the config says num_gpus={training.num_gpus}; planned for {gpus} with the same per-GPU "
                          f"batch, so the global batch is {global_batch} (the learning rate does not follow unless "
                          "training.lr_scaling is on)")
 
     phases = plan_phases(training, 1.0)
-    peak = max(phases, key=lambda p: p.resolution or 0).spec
+
+    def measured_kw(resolution: int | None) -> dict[str, float]:
+        return {"tokens": measured[resolution]} if resolution in measured else {}
+
+    if tokens_from is not None:
+        absent = sorted({p.resolution for p in phases if p.resolution not in measured}, key=lambda r: r or 0)
+        if absent:
+            out.notes.append(f"--tokens-from {tokens_from}: no token counts at resolution(s) "
+                             f"{', '.join(str(r) for r in absent)}; those phases use the model's estimate")
+    peak_phase = max(phases, key=lambda p: p.resolution or 0)
+    peak = peak_phase.spec
     activations = {
-        ckpt: (spec.activation_bytes(config, peak, micro, ckpt) if spec.activation_bytes else None)
+        ckpt: (spec.activation_bytes(config, peak, micro, ckpt, **measured_kw(peak_phase.resolution))
+               if spec.activation_bytes else None)
         for ckpt in (False, True)
     }
     if spec.activation_bytes is None:
@@ -190,9 +228,14 @@ def plan(
     total_s = total_ckpt_s = 0.0
     known = True
     for phase in phases:
-        tokens = spec.tokens_per_sample(config, phase.spec) if spec.tokens_per_sample else None
-        if spec.flops_per_sample is not None:
-            per_sample = spec.flops_per_sample(config, phase.spec)
+        kw = measured_kw(phase.resolution)
+        tokens = spec.tokens_per_sample(config, phase.spec, **kw) if spec.tokens_per_sample else None
+        terms = spec.flop_terms(config, phase.spec, **kw) if spec.flop_terms is not None else None
+        if terms is not None:
+            per_sample = sum(terms.values())
+            recompute = per_sample / 3  # forward ≈ a third of forward + backward
+        elif spec.flops_per_sample is not None:
+            per_sample = spec.flops_per_sample(config, phase.spec, **kw)
             recompute = 2 * params * (tokens or 0)
         elif tokens is not None:
             per_sample = (4 * params + 2 * trainable) * tokens
@@ -201,14 +244,17 @@ def plan(
             per_sample = recompute = None
         if per_sample is None:
             known = False
-            out.phases.append(PhaseRow(phase.index, phase.resolution, phase.steps, tokens, None, None, None))
+            out.phases.append(PhaseRow(phase.index, phase.resolution, phase.steps, tokens, None, None, None,
+                                       tokens_source="measured" if kw else "estimate"))
             continue
         step_flops = per_sample * global_batch
         step_s = step_flops / flops_per_s
         total_s += step_s * phase.steps
         total_ckpt_s += (per_sample + recompute) * global_batch / flops_per_s * phase.steps
-        out.phases.append(PhaseRow(phase.index, phase.resolution, phase.steps, tokens, step_flops / 1e12, step_s,
-                                   step_s * phase.steps / 86400))
+        out.phases.append(PhaseRow(
+            phase.index, phase.resolution, phase.steps, tokens, step_flops / 1e12, step_s, step_s * phase.steps / 86400,
+            None if terms is None else {k: v * global_batch / 1e12 for k, v in terms.items()},
+            "measured" if kw else "estimate"))
     if known:
         out.days = total_s / 86400
         out.days_with_checkpointing = total_ckpt_s / 86400
@@ -252,6 +298,9 @@ def render(p: Plan, console: Any) -> None:
     console.print(f"parameters {p.params:,} ({p.trainable:,} trainable; built on the meta device); "
                   f"batch {p.micro_batch}/GPU × {p.gpus} GPUs × {p.accumulation} accumulation = {p.global_batch}/step; "
                   f"{p.max_steps:,} steps; {'bf16 mixed precision' if p.precision == 'bf16' else 'fp32'}")
+    if p.components:
+        console.print("components: " + "; ".join(
+            f"{name} {'n/a (not built)' if n is None else f'{n:,}'}" for name, n in p.components.items()))
     mem = Table(title="memory per GPU (GiB)", title_justify="left")
     for col in ("ZeRO", "act. ckpt", "weights", "grads", "optimizer", "activations", "total", "fits"):
         mem.add_column(col, justify="right")
@@ -265,10 +314,24 @@ def render(p: Plan, console: Any) -> None:
         comp.add_column(col, justify="right")
     for r in p.phases:
         comp.add_row(str(r.index), str(r.resolution or "-"), f"{r.steps:,}",
-                     "n/a" if r.tokens_per_sample is None else f"{r.tokens_per_sample:,.0f}",
+                     "n/a" if r.tokens_per_sample is None else f"{r.tokens_per_sample:,.0f}"
+                     + (" (measured)" if r.tokens_source == "measured" else ""),
                      "n/a" if r.tflop_per_step is None else f"{r.tflop_per_step:,.3g}", _dur(r.step_time_s),
                      _num(r.days))
     console.print(comp)
+    names = list(dict.fromkeys(k for r in p.phases for k in (r.tflop_terms or {})))
+    if names:  # terms as rows, phases as columns: stays narrow however many terms a model has
+        terms = Table(title="TFLOP/step by term (share of the phase's step)", title_justify="left")
+        terms.add_column("term")
+        for r in p.phases:
+            terms.add_column(f"phase {r.index}" + (f" ({r.resolution})" if r.resolution else ""), justify="right")
+        for name in names:
+            cells = []
+            for r in p.phases:
+                t = r.tflop_terms or {}
+                cells.append(f"{_num(t[name])} ({t[name] / (sum(t.values()) or 1.0):.0%})" if name in t else "-")
+            terms.add_row(name.replace("_", " "), *cells)
+        console.print(terms)
     if p.days is not None:
         console.print(f"[bold]estimate[/]: {_num(p.days)} days wall ({_num(p.days_with_checkpointing)} with activation "
                       f"checkpointing), {_num(p.gpu_hours)} GPU-hours, ${_num(p.cost)}")
@@ -281,12 +344,13 @@ def render(p: Plan, console: Any) -> None:
 
 
 def plan_command(config: Path, *, gpus: int | None, gpu: str, price_per_hour: float | None, mfu: float,
-                 overrides: tuple[str, ...] = (), as_json: bool = False) -> Plan:
+                 overrides: tuple[str, ...] = (), as_json: bool = False, tokens_from: str | None = None) -> Plan:
     """What `interiorfusion plan` runs."""
     from interiorfusion_core.cli import console
     from interiorfusion_core.engine import toy  # noqa: F401 - registers the engine_toy kind and builder
 
-    result = plan(load_config(config, overrides), gpus=gpus, gpu=gpu, price_per_hour=price_per_hour, mfu=mfu)
+    result = plan(load_config(config, overrides), gpus=gpus, gpu=gpu, price_per_hour=price_per_hour, mfu=mfu,
+                  tokens_from=tokens_from)
     if as_json:
         console.print_json(json.dumps(result.to_json()))
     else:
