@@ -19,6 +19,7 @@ from torch import nn
 from interiorfusion_core.config.base import CurriculumPhase
 from interiorfusion_core.engine import TrainTask
 from interiorfusion_core.engine.step import StepContext
+from interiorfusion_core.engine.task import move_batch
 from interiorfusion_core.errors import UserError
 from interiorfusion_data.format import SampleError
 from interiorfusion_data.loader import SceneDataset, collate_scenes
@@ -323,18 +324,8 @@ class StructureTask(TrainTask):
 
 def batch_to_device(batch: Mapping[str, Any], device: torch.device | str, dtype: torch.dtype | None = None
                     ) -> dict[str, Any]:
-    """Only network inputs (latent features, images) take the training dtype; cameras, frames and depth targets
-    stay at least float32 (bf16 values near 5 m are 3 cm apart)."""
-    moved = dict(batch)
-    for key, value in batch.items():
-        if not isinstance(value, torch.Tensor):
-            continue
-        if dtype is None or not value.is_floating_point():
-            moved[key] = value.to(device)
-        else:
-            target = dtype if key in FEATURE_FIELDS else torch.promote_types(dtype, torch.float32)
-            moved[key] = value.to(device, target)
-    return moved
+    """Latent features and images take the training dtype; cameras, frames and depth targets stay float32."""
+    return move_batch(batch, device, dtype, FEATURE_FIELDS)
 
 
 _STATS: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}

@@ -12,6 +12,7 @@ from interiorfusion_core.config.base import CurriculumPhase
 from interiorfusion_core.engine import TrainTask, register_model_builder
 from interiorfusion_core.engine.distributed import unwrap
 from interiorfusion_core.engine.step import StepContext
+from interiorfusion_core.engine.task import move_batch
 from interiorfusion_core.sparse import SparseTensor
 from interiorfusion_data.loader import SceneLoader, open_dataset
 from interiorfusion_data.scene import CLASSES
@@ -163,16 +164,6 @@ class VAETask(TrainTask):
         return len(batch["num_voxels"])
 
     def to_device(self, batch: Any, device: torch.device, dtype: torch.dtype | None = None) -> Any:
-        """Only the model's input features take the training dtype (bf16 under DeepSpeed bf16). Every other
-        floating field (grid origin and voxel size, intrinsics, poses, depth and normal maps, lights: geometry and
-        metric targets) stays at least float32: bf16 values near 5 m are 3.1 cm apart, coarser than a voxel."""
-        moved = dict(batch)
-        for key, value in batch.items():
-            if not isinstance(value, torch.Tensor):
-                continue
-            if dtype is None or not value.is_floating_point():
-                moved[key] = value.to(device)
-            else:
-                target = dtype if key in FEATURE_FIELDS else torch.promote_types(dtype, torch.float32)
-                moved[key] = value.to(device, target)
-        return moved
+        """Only the model's input features take the training dtype (bf16 under DeepSpeed bf16); geometry and metric
+        targets stay at least float32 (`move_batch`)."""
+        return move_batch(batch, device, dtype, FEATURE_FIELDS)

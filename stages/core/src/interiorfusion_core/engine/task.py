@@ -129,4 +129,21 @@ def move_to(obj: Any, device: torch.device, dtype: torch.dtype | None = None) ->
     return obj
 
 
-__all__ = ["ResumableLoader", "TrainTask", "move_to"]
+def move_batch(batch: Mapping[str, Any], device: torch.device | str, dtype: torch.dtype | None,
+               feature_fields: frozenset[str]) -> dict[str, Any]:
+    """A batch dict to `device`: only the network's input fields (`feature_fields`) take the training dtype (bf16
+    under DeepSpeed bf16); every other floating field (frames, cameras, depth and metric targets) stays at least
+    float32: bf16 values near 5 m are 3.1 cm apart, coarser than a voxel."""
+    moved = dict(batch)
+    for key, value in batch.items():
+        if not isinstance(value, torch.Tensor):
+            continue
+        if dtype is None or not value.is_floating_point():
+            moved[key] = value.to(device)
+        else:
+            target = dtype if key in feature_fields else torch.promote_types(dtype, torch.float32)
+            moved[key] = value.to(device, target)
+    return moved
+
+
+__all__ = ["ResumableLoader", "TrainTask", "move_batch", "move_to"]
