@@ -1,1 +1,2 @@
-"""InteriorFusion stage 2: the rectified-flow Structure DiT (its config schema so far; the model comes next)."""
+"""InteriorFusion stage 2: the rectified-flow Structure DiT (docs/structure.md). The backbone (`dit`, `attention`),
+condition encoders (`conditions`), flow law and samplers (`flow`) are a library stages 3 and 4 import."""
