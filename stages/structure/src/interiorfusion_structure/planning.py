@@ -22,7 +22,24 @@ from interiorfusion_structure.attention import attention_flops, mean_window_toke
 
 TOKENS_PER_R2 = 7.0
 VAE_COMPRESSION = 16  # the seed VAE's 4 downsamplings (stages/vae); latent grid R = N / 16
-CONDITION_TOKENS = 1024 + 1024 + 64 + 1  # DINOv3 (32² patches at 512²) + semantic pyramid + layout + camera
+LAYOUT_TOKENS = 64  # statements of a furnished room (walls, openings, boxes); bounded by max_layout_tokens
+DINOV3_PREFIX_TOKENS = 5  # CLS + 4 registers (ViT-L/16)
+
+
+def condition_tokens(config: Any) -> int:
+    """Condition tokens per sample as interiorfusion_structure.conditions makes them at `image_size`: DINOv3 patches
+    (+ CLS and registers), the depth CNN's stride-16 grid, the chosen Mask2Former levels (1/32, 1/16, 1/8), the
+    layout statements and one camera token (3,398 at the seed's 512 px)."""
+    c = config.model.conditioning
+    n = c.image_size // 16
+    per = {
+        "image": n * n + DINOV3_PREFIX_TOKENS,
+        "depth": n * n,
+        "semantic": sum((c.image_size // (32 // 2**level)) ** 2 for level in c.semantic_levels),
+        "layout": min(LAYOUT_TOKENS, c.max_layout_tokens),
+        "camera": 1,
+    }
+    return sum(per[m] for m in c.modalities)
 
 
 def latent_grid(config: Any, phase: Any) -> int:
@@ -66,10 +83,11 @@ def structure_flop_terms(config: Any, phase: Any, tokens: float | None = None) -
             # Every full_every-th block attends fully: the mean keys per query over the blocks.
             frac = 1.0 / m.attention.full_every
             window = frac * tokens + (1 - frac) * window
-    lat = dit_forward_flops(tokens, m.width, m.depth, m.mlp_hidden, CONDITION_TOKENS, window)
+    cond = condition_tokens(config)
+    lat = dit_forward_flops(tokens, m.width, m.depth, m.mlp_hidden, cond, window)
     o = config.occupancy
     occ_tokens = float(max(r // o.patch, 1) ** 3)
-    occ = dit_forward_flops(occ_tokens, o.width, o.depth, o.mlp_hidden, CONDITION_TOKENS)
+    occ = dit_forward_flops(occ_tokens, o.width, o.depth, o.mlp_hidden, cond)
     terms = {f"latent_{k}": 3.0 * v for k, v in lat.items()}
     terms |= {f"occupancy_{k}": 3.0 * v for k, v in occ.items()}
     return terms
