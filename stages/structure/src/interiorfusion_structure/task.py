@@ -328,12 +328,12 @@ def batch_to_device(batch: Mapping[str, Any], device: torch.device | str, dtype:
     return move_batch(batch, device, dtype, FEATURE_FIELDS)
 
 
-_STATS: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+_STATS: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}
 
 
 def _stats(source: Any, resolution: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(mean, std) of the geometry channels at `resolution` (float32), read once per process."""
-    key = (id(source), resolution)
+    key = (str(getattr(source, "uri", source)), resolution)
     if key not in _STATS:
         ds = open_latents(source, "train", resolution)
         span = ds.stats.channels("geometry")
