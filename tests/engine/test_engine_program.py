@@ -98,6 +98,44 @@ def accelerate_cmd() -> list[str]:
 LAUNCHER_CONFIGS = {"zero3": "configs/accelerate_deepspeed.yaml", "zero2": "configs/accelerate_deepspeed_zero2.yaml"}
 
 
+class RunRecorder(Callback):
+    """Rank 0 writes the run's mode and every logged train row to `path` (JSON) as the run goes: what the
+    distributed stage tests (tests/vae, tests/structure) compare between 1 process and 2 ZeRO-3 ranks."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.data: dict[str, Any] = {"rows": []}
+
+    def on_fit_start(self, trainer: Any) -> None:
+        rt = trainer.rt
+        params = list(trainer.module.parameters())
+        plugin = rt.accelerator.state.deepspeed_plugin if rt.deepspeed else None
+        self.data |= {
+            "mode": {"deepspeed": rt.deepspeed, "world_size": rt.world_size, "zero_stage": rt.zero_stage},
+            "zero3_init": bool(plugin is not None and plugin.zero3_init_flag),
+            "params": len(params),
+            "partitioned_params": sum(1 for p in params if hasattr(p, "ds_status") and not p.ds_persist),
+        }
+
+    def on_log(self, trainer: Any, step: int, metrics: Any) -> None:
+        if trainer.rt.is_main:
+            self.data["rows"].append({"step": step, **metrics})
+            self.path.write_text(json.dumps(self.data))
+
+
+def recording_trainer(path: str | Path) -> type:
+    """A Trainer subclass that adds a RunRecorder writing to `path`: patch it over a stage module's `Trainer`."""
+    from interiorfusion_core.engine import Trainer
+
+    recorder = RunRecorder(path)
+
+    class RecordingTrainer(Trainer):
+        def __init__(self, ctx: Any, task: Any, **kwargs: Any) -> None:
+            super().__init__(ctx, task, callbacks=[*kwargs.pop("callbacks", ()), recorder], **kwargs)
+
+    return RecordingTrainer
+
+
 def launch_2_processes(kind: str, env: dict[str, str]) -> list[str]:
     """`accelerate launch` with 2 CPU processes: DeepSpeed `zero2`/`zero3` (the repo's launcher files) or `ddp`
     (CPU DDP needs ACCELERATE_USE_CPU, set into `env`), on a free port."""

@@ -105,39 +105,17 @@ def test_zero3_two_processes_match_one(vae_smoke, tmp_path: Path) -> None:
 
 # ---------------------------------------------------------------------------------------------- the program
 def main(argv: list[str]) -> int:
+    from test_engine_program import recording_trainer
+
     import interiorfusion_core.contract as contract
     from interiorfusion_core.cli import run_stage_command
-    from interiorfusion_core.engine import Callback, Trainer
     from interiorfusion_core.tracking import NullTracker
     from interiorfusion_structure import stage as structure_stage
 
     config, latents, output, record_path = argv
     contract.Tracker = NullTracker  # MLflow's SQLite set-up costs seconds per process
 
-    class Record(Callback):
-        def __init__(self) -> None:
-            self.data: dict[str, Any] = {"rows": []}
-
-        def on_fit_start(self, trainer: Any) -> None:
-            rt = trainer.rt
-            params = list(trainer.module.parameters())
-            self.data |= {
-                "mode": {"deepspeed": rt.deepspeed, "world_size": rt.world_size, "zero_stage": rt.zero_stage},
-                "partitioned_params": sum(1 for p in params if hasattr(p, "ds_status") and not p.ds_persist),
-            }
-
-        def on_log(self, trainer: Any, step: int, metrics: Any) -> None:
-            if trainer.rt.is_main:
-                self.data["rows"].append({"step": step, **metrics})
-                Path(record_path).write_text(json.dumps(self.data))
-
-    recorder = Record()
-
-    class RecordingTrainer(Trainer):
-        def __init__(self, ctx: Any, task: Any, **kwargs: Any) -> None:
-            super().__init__(ctx, task, callbacks=[*kwargs.pop("callbacks", ()), recorder], **kwargs)
-
-    structure_stage.Trainer = RecordingTrainer  # type: ignore[misc]
+    structure_stage.Trainer = recording_trainer(record_path)  # type: ignore[misc]
     run_stage_command("structure", Path(config), None, [f"latents={latents}"], output, False, False)
     return 0
 

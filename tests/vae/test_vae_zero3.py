@@ -207,9 +207,10 @@ def test_zero3_two_processes_match_one(tiny_data: str, tmp_path: Path) -> None:
 
 # ---------------------------------------------------------------------------------------------- the program
 def main(argv: list[str]) -> int:
+    from test_engine_program import recording_trainer
+
     import interiorfusion_core.contract as contract
     from interiorfusion_core.cli import run_stage_command
-    from interiorfusion_core.engine import Callback, Trainer
     from interiorfusion_core.tracking import NullTracker
     from interiorfusion_vae import stage as vae_stage
     from interiorfusion_vae.model import SLATInteriorVAE
@@ -220,33 +221,7 @@ def main(argv: list[str]) -> int:
     # would draw different noise for the same sample. Everything else is the stage as it runs.
     SLATInteriorVAE.sample = staticmethod(lambda mu, logvar, generator=None: mu)  # type: ignore[method-assign]
 
-    class Record(Callback):
-        def __init__(self) -> None:
-            self.data: dict[str, Any] = {"rows": []}
-
-        def on_fit_start(self, trainer: Any) -> None:
-            rt = trainer.rt
-            params = list(trainer.module.parameters())
-            plugin = rt.accelerator.state.deepspeed_plugin if rt.deepspeed else None
-            self.data |= {
-                "mode": {"deepspeed": rt.deepspeed, "world_size": rt.world_size, "zero_stage": rt.zero_stage},
-                "zero3_init": bool(plugin is not None and plugin.zero3_init_flag),
-                "params": len(params),
-                "partitioned_params": sum(1 for p in params if hasattr(p, "ds_status") and not p.ds_persist),
-            }
-
-        def on_log(self, trainer: Any, step: int, metrics: Any) -> None:
-            if trainer.rt.is_main:
-                self.data["rows"].append({"step": step, **metrics})
-                Path(record_path).write_text(json.dumps(self.data))
-
-    recorder = Record()
-
-    class RecordingTrainer(Trainer):
-        def __init__(self, ctx: Any, task: Any, **kwargs: Any) -> None:
-            super().__init__(ctx, task, callbacks=[*kwargs.pop("callbacks", ()), recorder], **kwargs)
-
-    vae_stage.Trainer = RecordingTrainer  # type: ignore[misc]
+    vae_stage.Trainer = recording_trainer(record_path)  # type: ignore[misc]
     run_stage_command("vae", Path(config), None, [f"data={data_uri}"], output, False, False)
     return 0
 
