@@ -92,5 +92,5 @@ def test_cli_plans_the_seed_config_full_and_windowed() -> None:
         result = CliRunner().invoke(app, ["plan", str(SEED), *extra])
         assert result.exit_code == 0, result.output
         out = " ".join(result.output.split())
-        assert "latent DiT 1,342,520,896" in out and "occupancy DiT" in out
+        assert "latent DiT 1,342,525,504" in out and "occupancy DiT" in out
         assert "latent self attention" in out and "seed table" in out and "estimate" in out

@@ -125,6 +125,9 @@ class DiTModelConfig(Strict):
     rope_theta: PositiveFloat = 10000.0
     attention: AttentionConfig = Field(default_factory=AttentionConfig)
     gradient_checkpointing: bool = False
+    # Both flows also get the condition depth lifted into the latent grid per token (surface / free space seen from
+    # the condition camera; interiorfusion_structure.lifting). Dropped with the depth modality.
+    lift_depth: bool = True
     conditioning: ConditioningConfig = Field(default_factory=ConditioningConfig)
 
     @model_validator(mode="after")

@@ -181,13 +181,15 @@ class DiT(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, *, width: int, depth: int, heads: int, mlp_hidden: int,
                  cond_width: int, qk_norm: bool = True, rope: bool = True, rope_theta: float = 10000.0,
                  attention: str = "full", window: int = 8, full_every: int = 0, backend: str = "auto",
-                 gradient_checkpointing: bool = False):
+                 gradient_checkpointing: bool = False, token_cond_channels: int = 0):
         super().__init__()
         if attention not in ("full", "window"):
             raise ValueError(f"attention must be 'full' or 'window', got {attention!r}")
         self.width, self.attention_kind, self.window, self.full_every = width, attention, window, full_every
         self.gradient_checkpointing = gradient_checkpointing
         self.x_embed = Linear(in_channels, width)
+        # Per-token conditions beside the noised input (the lifted condition depth), zero at first.
+        self.token_cond = Linear(token_cond_channels, width, "zeros") if token_cond_channels else None
         self.t_embed = nn.Sequential(Linear(FREQ_DIM, width, "normal"), nn.SiLU(), Linear(width, width, "normal"))
         self.cond_proj = Linear(cond_width, width)
         self.pool_proj = Linear(cond_width, width)
@@ -206,11 +208,16 @@ class DiT(nn.Module):
         return not (self.full_every and (i + 1) % self.full_every == 0)
 
     def forward(self, x: torch.Tensor, coords: torch.Tensor, segments: Segments, t: torch.Tensor,
-                cond_tokens: torch.Tensor, cond_segments: Segments, pooled: torch.Tensor) -> torch.Tensor:
+                cond_tokens: torch.Tensor, cond_segments: Segments, pooled: torch.Tensor,
+                token_cond: torch.Tensor | None = None) -> torch.Tensor:
         if segments.count != len(t) or cond_segments.count != len(t) or len(pooled) != len(t):
             raise ValueError(f"{segments.count} token segments, {cond_segments.count} condition segments, "
                              f"{len(pooled)} pooled conditions and {len(t)} timesteps: one of each per sample")
         h = self.x_embed(x)
+        if self.token_cond is not None:
+            if token_cond is None:
+                raise ValueError("this DiT was built with per-token conditions; pass token_cond [T, C]")
+            h = h + self.token_cond(token_cond.to(h.dtype))
         c = self.t_embed(timestep_embedding(t).to(h.dtype)) + self.pool_proj(pooled)
         modulation = self.adaln(c).view(len(t), 6, self.width)
         context = Context(self.cond_proj(cond_tokens), cond_segments, pooled)

@@ -92,6 +92,8 @@ def generate_scenes(gen: Generator, batch: Mapping[str, Any], sampling: Sampling
     """Generate one scene per sample of `batch` (condition fields, see task.StructureData.collate; no latents
     needed) at `resolution` (default: the generator's)."""
     from interiorfusion_structure.conditions import frozen_features
+    from interiorfusion_structure.lifting import cell_values, patch_values
+    from interiorfusion_structure.task import lifted_depth
     from interiorfusion_vae.latents import decode_geometry
 
     sampling = sampling or gen.config.sampling
@@ -111,8 +113,18 @@ def generate_scenes(gen: Generator, batch: Mapping[str, Any], sampling: Sampling
     per = len(o_coords) // B
     o_segs = Segments.from_lengths([per] * B).to(device)
 
+    # The lifted condition depth per token; the branches that drop the depth (or everything) see none.
+    lifted = lifted_depth(batch, R) if gen.config.model.lift_depth else None
+
+    def lift_for(drop: frozenset[str]) -> torch.Tensor | None:
+        if lifted is None:
+            return None
+        return torch.zeros_like(lifted) if (ALL in drop or "depth" in drop) else lifted
+
+    o_lift = {d: None if lift_for(d) is None else patch_values(lift_for(d), p) for d in guidance.branches()}
+
     def occ_velocity(x: torch.Tensor, t: torch.Tensor, drop: frozenset[str]) -> torch.Tensor:
-        return model.velocity("occupancy", FlowInput(x, o_coords, o_segs, t), conds[drop]).float()
+        return model.velocity("occupancy", FlowInput(x, o_coords, o_segs, t, o_lift[drop]), conds[drop]).float()
 
     o0 = torch.randn(len(o_coords), p**3, generator=g).to(device)
     occ = sample_ode(guided(occ_velocity, guidance), o0, B, sampling.occupancy_steps,
@@ -127,8 +139,10 @@ def generate_scenes(gen: Generator, batch: Mapping[str, Any], sampling: Sampling
     segs = Segments.from_lengths(counts.cpu()).to(device)
 
     # 2. Geometry latents on those cells.
+    c_lift = {d: None if lift_for(d) is None else cell_values(lift_for(d), cells) for d in guidance.branches()}
+
     def lat_velocity(x: torch.Tensor, t: torch.Tensor, drop: frozenset[str]) -> torch.Tensor:
-        return model.velocity("latent", FlowInput(x, cells, segs, t), conds[drop]).float()
+        return model.velocity("latent", FlowInput(x, cells, segs, t, c_lift[drop]), conds[drop]).float()
 
     x0 = torch.randn(len(cells), model.latent_channels, generator=g).to(device)
     x1 = sample_ode(guided(lat_velocity, guidance), x0, B, sampling.steps, gen.config.flow_matching.t_range,

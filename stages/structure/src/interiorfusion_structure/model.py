@@ -21,6 +21,7 @@ from torch import nn
 from interiorfusion_structure.attention import Segments
 from interiorfusion_structure.config import DiTModelConfig, DiTStructureConfig, OccupancyFlowConfig
 from interiorfusion_structure.dit import DiT
+from interiorfusion_structure.lifting import CHANNELS as LIFT_CHANNELS
 
 if TYPE_CHECKING:
     from interiorfusion_structure.conditions import ConditionTokens
@@ -37,6 +38,7 @@ class FlowInput:
     coords: torch.Tensor
     segments: Segments
     t: torch.Tensor
+    token_cond: torch.Tensor | None = None  # [T, C] per-token conditions (the lifted depth), when the flow has them
 
 
 def build_dit(m: DiTModelConfig, channels: int, cond_width: int) -> DiT:
@@ -44,14 +46,16 @@ def build_dit(m: DiTModelConfig, channels: int, cond_width: int) -> DiT:
     return DiT(channels, channels, width=m.width, depth=m.depth, heads=m.num_heads, mlp_hidden=m.mlp_hidden,
                cond_width=cond_width, qk_norm=m.qk_norm, rope=m.rope, rope_theta=m.rope_theta, attention=a.kind,
                window=a.window, full_every=a.full_every, backend=a.backend,
-               gradient_checkpointing=m.gradient_checkpointing)
+               gradient_checkpointing=m.gradient_checkpointing,
+               token_cond_channels=LIFT_CHANNELS if m.lift_depth else 0)
 
 
 def build_occupancy_dit(o: OccupancyFlowConfig, m: DiTModelConfig, cond_width: int) -> DiT:
     # Dense and short ((R / patch)³ tokens): full attention; the latent DiT's norm / RoPE / backend choices.
     return DiT(o.patch**3, o.patch**3, width=o.width, depth=o.depth, heads=o.num_heads, mlp_hidden=o.mlp_hidden,
                cond_width=cond_width, qk_norm=m.qk_norm, rope=m.rope, rope_theta=m.rope_theta,
-               backend=m.attention.backend, gradient_checkpointing=m.gradient_checkpointing)
+               backend=m.attention.backend, gradient_checkpointing=m.gradient_checkpointing,
+               token_cond_channels=LIFT_CHANNELS * o.patch**3 if m.lift_depth else 0)
 
 
 class StructureModel(nn.Module):
@@ -73,7 +77,7 @@ class StructureModel(nn.Module):
     def velocity(self, flow: str, x: FlowInput, cond: ConditionTokens) -> torch.Tensor:
         net = self.latent if flow == "latent" else self.occupancy
         return net(x.x, x.coords, x.segments, x.t, cond.tokens, Segments.from_lengths(cond.lengths.cpu()).to(
-            cond.tokens.device), cond.pooled)
+            cond.tokens.device), cond.pooled, x.token_cond)
 
     def forward(self, batch: Mapping[str, Any], latent: FlowInput | None, occupancy: FlowInput | None,
                 drop: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:

@@ -28,6 +28,7 @@ from interiorfusion_structure.conditions import build_frozen_encoders, frozen_fe
 from interiorfusion_structure.config import DiTStructureConfig
 from interiorfusion_structure.feature_cache import open_feature_caches
 from interiorfusion_structure.flow import interpolate, one_step_estimate, sample_timesteps
+from interiorfusion_structure.lifting import cell_values, lift_depth, patch_values
 from interiorfusion_structure.model import FlowInput, StructureModel, occupancy_grid, patchify
 from interiorfusion_vae.latents import LatentDataset, decode_geometry, open_latents
 from interiorfusion_vae.render import soft_render
@@ -148,6 +149,10 @@ class SampleNoise:
         return torch.cat([torch.randn(int(n), channels, generator=self._gen(i, stream))
                           for i, n in zip(self.indices, counts.tolist(), strict=True)])
 
+    def uniform(self, stream: str) -> torch.Tensor:
+        """One U(0, 1) draw per sample [B] (e.g. whether to drop a condition)."""
+        return torch.cat([torch.rand(1, generator=self._gen(i, stream)) for i in self.indices])
+
     def timesteps(self, law: str, p_mean: float, p_std: float, t_range: tuple[float, float], stream: str
                   ) -> torch.Tensor:
         return torch.cat([sample_timesteps(1, law, p_mean, p_std, t_range, self._gen(i, stream))
@@ -243,10 +248,17 @@ class StructureTask(TrainTask):
         x0 = noise.normal(batch["num_tokens"], x1.shape[1], "latent").to(device, x1.dtype)
         t = noise.timesteps(fm.timestep, fm.p_mean, fm.p_std, fm.t_range, "t_latent").to(device)
         x_t = interpolate(x0, x1, t[token_sample])
-        latent_in = FlowInput(x_t, batch["coords"], segments, t)
+        R = int(batch["latent_resolution"])
+        lifted = None
+        if cfg.model.lift_depth:
+            keep = torch.ones(B, dtype=torch.bool)
+            if model.training:  # dropped with the depth modality's probability (deterministic per sample)
+                keep = noise.uniform("lift") >= cfg.model.conditioning.dropout.depth
+            lifted = lifted_depth(batch, R, keep.to(device))
+        latent_in = FlowInput(x_t, batch["coords"], segments, t,
+                              None if lifted is None else cell_values(lifted, batch["coords"]))
 
         # Occupancy flow: the dense latent grid, ±1 per cell, `patch`³ cells per token.
-        R = int(batch["latent_resolution"])
         grid = occupancy_grid(batch["coords"], B, R) * 2 - 1
         o1, o_coords = patchify(grid.to(x1.dtype), min(cfg.occupancy.patch, R))
         per_sample = len(o1) // B
@@ -254,7 +266,8 @@ class StructureTask(TrainTask):
         to = noise.timesteps(fm.timestep, fm.p_mean, fm.p_std, fm.t_range, "t_occupancy").to(device)
         o_segments = Segments.from_lengths([per_sample] * B).to(device)
         o_t = interpolate(o0, o1, to.repeat_interleave(per_sample))
-        occ_in = FlowInput(o_t, o_coords, o_segments, to)
+        occ_in = FlowInput(o_t, o_coords, o_segments, to,
+                           None if lifted is None else patch_values(lifted, min(cfg.occupancy.patch, R)))
 
         out = model(self.conditions(batch), latent_in, occ_in)
         v = out["latent"]
@@ -320,6 +333,16 @@ class StructureTask(TrainTask):
 
     def to_device(self, batch: Any, device: torch.device, dtype: torch.dtype | None = None) -> Any:
         return batch_to_device(batch, device, dtype)
+
+
+def lifted_depth(batch: Mapping[str, Any], grid: int, keep: torch.Tensor | None = None) -> torch.Tensor:
+    """The batch's condition depth lifted into the R³ latent grid ([B, R, R, R, 2]); samples with keep false get
+    zeros (depth unknown)."""
+    lifted = lift_depth(batch["depth"].float(), batch["intrinsics"].float(), batch["cam_to_world"].float(),
+                        batch["origin"].float(), batch["cube_size"].float(), grid)
+    if keep is not None:
+        lifted = lifted * keep.to(lifted.dtype)[:, None, None, None, None]
+    return lifted
 
 
 def batch_to_device(batch: Mapping[str, Any], device: torch.device | str, dtype: torch.dtype | None = None
