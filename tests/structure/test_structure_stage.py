@@ -44,6 +44,7 @@ def test_losses_fall_on_smoke_data_and_mlflow_has_the_samples(structure_smoke: R
     images = [a.path for a in client.list_artifacts(run.info.run_id, "images/samples")]
     assert images, "validation logs generated held-out samples"
     assert [a.path for a in client.list_artifacts(run.info.run_id, "images/heldout")]
+    assert "images/structure_heldout.png" in [a.path for a in client.list_artifacts(run.info.run_id, "images")]
 
 
 def test_generated_heldout_scenes_beat_the_untrained_model(structure_smoke: RunOutcome) -> None:

@@ -191,6 +191,7 @@ def held_out_report(ctx: StageContext, gen: Generator, latents: Any, config: DiT
     records: list[dict[str, Any]] = []
     logged = position = 0
     remaining = ev.samples
+    sheet: list[bytes] = []
     for split in ev.splits:
         try:
             held = StructureData(latents, split, resolution)
@@ -221,6 +222,7 @@ def held_out_report(ctx: StageContext, gen: Generator, latents: Any, config: DiT
                     ctx.output.put_bytes(f"samples/{key}.glb", scene_glb(scenes[b]))
                     ctx.output.put_bytes(f"samples/{key}.png", png)
                     ctx.tracker.log_image(png, f"heldout/{key}.png")
+                    sheet.append(png)
                     logged += 1
                 if i % rt.world_size != rt.rank:
                     continue
@@ -238,8 +240,27 @@ def held_out_report(ctx: StageContext, gen: Generator, latents: Any, config: DiT
                 })
     if untrained is None:
         return None
+    if sheet:  # one overview image at the run's top level, like the VAE's reconstruction sheet
+        ctx.tracker.log_image(stack_pngs(sheet), "structure_heldout.png")
     everyone = [r for rank in gather_objects(records, rt) for r in rank]
     return summarize(everyone, ev.fscore_thresholds, resolution) if rt.is_main else None
+
+
+def stack_pngs(pngs: list[bytes]) -> bytes:
+    """PNG images stacked top to bottom (the held-out previews as one sheet)."""
+    import io
+
+    from PIL import Image
+
+    images = [Image.open(io.BytesIO(p)).convert("RGB") for p in pngs]
+    sheet = Image.new("RGB", (max(i.width for i in images), sum(i.height for i in images)), "white")
+    y = 0
+    for image in images:
+        sheet.paste(image, (0, y))
+        y += image.height
+    buf = io.BytesIO()
+    sheet.save(buf, format="PNG")
+    return buf.getvalue()
 
 
 def true_scene(held: StructureData, i: int, resolution: int) -> Any:
