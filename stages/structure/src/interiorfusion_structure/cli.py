@@ -78,8 +78,9 @@ def condition_batch(defaults: dict[str, Any], image: Path, depth: Path | None, l
     import torch
 
     W, H = defaults["image_size"]
-    rgb = np.asarray(_read_image(image, "image").convert("RGB").resize((W, H)), np.float32) / 255.0
-    src_w, src_h = _read_image(image, "image").size
+    photo = _read_image(image, "image")
+    src_w, src_h = photo.size
+    rgb = np.asarray(photo.convert("RGB").resize((W, H)), np.float32) / 255.0
     if depth is not None:
         raw = np.asarray(_read_image(depth, "depth").resize((W, H), 0), np.float32)
         depth_m = raw / 1000.0

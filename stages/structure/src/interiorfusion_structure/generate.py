@@ -335,7 +335,7 @@ def load_generator(source: str, device: torch.device | str = "cpu", work_dir: Pa
     from safetensors.torch import load_file
 
     from interiorfusion_structure.conditions import build_frozen_encoders
-    from interiorfusion_vae.latents import open_latents
+    from interiorfusion_structure.task import geometry_stats
     from interiorfusion_vae.stage import load_vae_output
 
     uri = resolve_structure_uri(source)
@@ -357,11 +357,7 @@ def load_generator(source: str, device: torch.device | str = "cpu", work_dir: Pa
             key = f"frozen/{name}.safetensors"
             if key in manifest.artifacts:  # random-init encoders: the exact weights training used
                 module.load_state_dict(load_file(str(store.get_file(key, Path(work_dir or tmp) / f"{name}.st"))))
-    stats = {}
-    for res in info["resolutions"]:
-        ds = open_latents(latents_uri, "train", int(res))
-        span = ds.stats.channels("geometry")
-        stats[int(res)] = (ds.stats.mean[span].float(), ds.stats.std[span].float())
+    stats = {int(res): geometry_stats(latents_uri, int(res)) for res in info["resolutions"]}
     for m in frozen.values():
         m.requires_grad_(False).eval().to(device)
     return Generator(model.to(device).eval(), vae, frozen, config, stats, int(info["compression"]),

@@ -39,7 +39,7 @@ from interiorfusion_structure.generate import (
     scene_scores,
 )
 from interiorfusion_structure.model import StructureModel
-from interiorfusion_structure.task import StructureData, StructureTask, batch_to_device
+from interiorfusion_structure.task import StructureData, StructureTask, batch_to_device, geometry_stats
 from interiorfusion_vae.latents import open_latents
 from interiorfusion_vae.stage import load_vae_output
 
@@ -69,7 +69,7 @@ class StructureStage(Stage):
         model = load_trained(ctx, result.checkpoint, config, task.latent_channels, rt.device)
         gen = Generator(model, trainer.frozen["vae"] if "vae" in trainer.frozen else vae.to(rt.device),
                         {k: v for k, v in trainer.frozen.items() if k != "vae"}, config,
-                        _all_stats(latents, held.resolutions), held.compression, resolution, info)
+                        {r: geometry_stats(latents, r) for r in held.resolutions}, held.compression, resolution, info)
         report = held_out_report(ctx, gen, latents, config, resolution, rt)
         if report is not None:
             ctx.output.put_json("eval.json", report)
@@ -103,15 +103,6 @@ def save_random_frozen(ctx: StageContext, frozen: Mapping[str, torch.nn.Module],
         path = Path(ctx.work_dir) / f"frozen-{name}.safetensors"
         save_file({k: v.detach().float().cpu().contiguous() for k, v in module.state_dict().items()}, str(path))
         ctx.output.put_file(f"frozen/{name}.safetensors", path)
-
-
-def _all_stats(latents: Any, resolutions: list[int]) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
-    out = {}
-    for res in resolutions:
-        ds = open_latents(latents, "train", res)
-        span = ds.stats.channels("geometry")
-        out[res] = (ds.stats.mean[span].float(), ds.stats.std[span].float())
-    return out
 
 
 # ------------------------------------------------------------------------------------------------ defaults
@@ -169,8 +160,9 @@ class ValidationSamples(Callback):
         model = trainer.module
         was_training = model.training
         held = data.latents
+        res = self.task.resolution
         gen = Generator(model, vae, {k: v for k, v in trainer.frozen.items() if k != "vae"}, self.config,
-                        _all_stats(self.latents, [self.task.resolution]), held.compression, self.task.resolution)
+                        {res: geometry_stats(self.latents, res)}, held.compression, res)
         batch = trainer.task.to_device(data.collate([data.sample(i) for i in range(min(n, len(data)))]),
                                        trainer.rt.device)
         scenes = generate_scenes(gen, batch)

@@ -296,7 +296,7 @@ class StructureTask(TrainTask):
         if not keep:
             return zero.float()
         vae = self.frozen["vae"]
-        stats = _stats(self.latents_source, self.resolution)
+        stats = geometry_stats(self.latents_source, self.resolution)
         raw = x_hat.float() * stats[1].to(x_hat.device) + stats[0].to(x_hat.device)
         geo = decode_geometry(vae, {**batch, "feats": raw.to(next(vae.parameters()).dtype), "normalized": False})
         coords = geo.voxels.coords
@@ -354,7 +354,7 @@ def batch_to_device(batch: Mapping[str, Any], device: torch.device | str, dtype:
 _STATS: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}
 
 
-def _stats(source: Any, resolution: int) -> tuple[torch.Tensor, torch.Tensor]:
+def geometry_stats(source: Any, resolution: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(mean, std) of the geometry channels at `resolution` (float32), read once per process."""
     key = (str(getattr(source, "uri", source)), resolution)
     if key not in _STATS:
@@ -364,4 +364,4 @@ def _stats(source: Any, resolution: int) -> tuple[torch.Tensor, torch.Tensor]:
     return _STATS[key]
 
 
-__all__ = ["SampleNoise", "StructureData", "StructureLoader", "StructureTask", "batch_to_device"]
+__all__ = ["SampleNoise", "StructureData", "StructureLoader", "StructureTask", "batch_to_device", "geometry_stats"]
