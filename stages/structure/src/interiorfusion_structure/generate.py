@@ -217,7 +217,7 @@ def scene_glb(scene: GeneratedScene) -> bytes:
     to_y_up = np.array([[1, 0, 0, 0], [0, 0, 1, 0], [0, -1, 0, 0], [0, 0, 0, 1]], np.float64)
     for cls in np.unique(scene.classes):
         vox = scene.voxels[scene.classes == cls]
-        verts, faces = _exposed_faces(vox, occupied)
+        verts, faces = exposed_faces(vox, occupied)
         if not len(faces):
             continue
         points = scene.origin + verts * scene.voxel_size
@@ -244,8 +244,9 @@ _FACE_DIRS = [(np.array(d), q) for d, q in [
 ]]
 
 
-def _exposed_faces(vox: np.ndarray, occupied: set[tuple[int, int, int]]) -> tuple[np.ndarray, np.ndarray]:
-    """Quads of the voxel faces whose neighbour is empty (outward winding), as triangles."""
+def exposed_faces(vox: np.ndarray, occupied: set[tuple[int, int, int]]) -> tuple[np.ndarray, np.ndarray]:
+    """Quads of the voxel faces of `vox` whose neighbour is not in `occupied` (outward winding), as triangles:
+    vertices [4·Q, 3] in voxel units (4 corners per quad, counter-clockwise seen from outside), faces [2·Q, 3]."""
     verts, faces = [], []
     n = 0
     for d, quad in _FACE_DIRS:
@@ -262,6 +263,9 @@ def _exposed_faces(vox: np.ndarray, occupied: set[tuple[int, int, int]]) -> tupl
     if not verts:
         return np.zeros((0, 3)), np.zeros((0, 3), np.int64)
     return np.concatenate(verts).astype(np.float64), np.concatenate(faces).astype(np.int64)
+
+
+_exposed_faces = exposed_faces  # the former private name
 
 
 def render_scene(scene: GeneratedScene, K: torch.Tensor, cam_to_world: torch.Tensor, height: int, width: int
