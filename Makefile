@@ -7,11 +7,14 @@ BIN := $(VENV)/bin
 TORCH_REQ ?= requirements/torch-cpu-dev.txt
 PACKAGES := stages/core $(filter-out stages/core,$(patsubst %/pyproject.toml,%,$(wildcard stages/*/pyproject.toml))) flows
 STAMP := $(VENV)/.interiorfusion-installed
+# Khronos glTF-Validator (tools/gltf-validator, Node.js) for the .glb checks; setup skips it where npm is missing.
+NPM := $(shell command -v npm 2>/dev/null)
+VALIDATOR := tools/gltf-validator/node_modules/.package-lock.json
 PYTEST_ARGS ?=
 
 .PHONY: setup run test test-fast lint bench bench-readme quality images clean
 
-setup: $(STAMP)
+setup: $(STAMP) $(if $(NPM),$(VALIDATOR))
 
 $(STAMP): $(wildcard stages/*/pyproject.toml) flows/pyproject.toml requirements/*.txt Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -19,6 +22,10 @@ $(STAMP): $(wildcard stages/*/pyproject.toml) flows/pyproject.toml requirements/
 	$(if $(TORCH_REQ),$(BIN)/python -m pip install -q -r $(TORCH_REQ))
 	$(BIN)/python -m pip install -q -r requirements/dev.txt $(addprefix -e ,$(PACKAGES))
 	touch $(STAMP)
+
+$(VALIDATOR): tools/gltf-validator/package.json tools/gltf-validator/package-lock.json
+	npm ci --prefix tools/gltf-validator --no-audit --no-fund --loglevel=error
+	touch $(VALIDATOR)
 
 run: setup
 	$(BIN)/interiorfusion pipeline run --config configs/smoke/pipeline.yaml
