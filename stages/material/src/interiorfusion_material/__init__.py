@@ -1,1 +1,2 @@
-"""InteriorFusion stage 3: the Material DiT (its config schema so far; the model comes next)."""
+"""InteriorFusion stage 3: the Material DiT (its config schema so far; the model comes next) and the export of
+per-voxel PBR materials (`export`: textured .glb, glTF validation, preview sheets)."""
