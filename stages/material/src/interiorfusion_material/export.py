@@ -284,7 +284,8 @@ def material_previews(voxels: np.ndarray, materials: np.ndarray, origin: np.ndar
     """PNG sheet from one camera: albedo | roughness (grey) | metallic (grey) | normal (unit n · 0.5 + 0.5 as
     RGB) | shaded (shade_voxels under `lights`, eye = the camera centre), each tile `tile` pixels wide, on white;
     with `truth` = (voxels, materials), a second row of the same five tiles for it (same frame, origin and voxel
-    size). K 3×3 in pixels, cam_to_world 4×4 (OpenCV axes), lights (L, 4) [x, y, z, intensity] world frame."""
+    size). K 3×3 in pixels, cam_to_world 4×4 (OpenCV axes), lights (L, 4) [x, y, z, intensity] world frame.
+    soft_render splats into a 5×5 pixel window: voxels wider than about 5 pixels on screen leave gaps."""
     from PIL import Image
 
     Kt, pose = _camera(K, cam_to_world)
