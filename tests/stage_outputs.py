@@ -1,6 +1,7 @@
 """Stage outputs several test packages share, each made once per test session: the smoke data (seconds), one trained
-smoke VAE (about two minutes on two cores) and one structure stage trained on its latents. Registered as a pytest
-plugin by tests/conftest.py so tests/vae and tests/structure use the same runs."""
+smoke VAE (about two minutes on two cores), one structure stage trained on its latents and one material stage on
+both. Registered as a pytest plugin by tests/conftest.py so tests/vae, tests/structure and tests/material use the
+same runs."""
 
 from __future__ import annotations
 
@@ -32,3 +33,13 @@ def structure_smoke(vae_smoke: tuple[RunOutcome, str], tmp_path_factory: pytest.
     root = tmp_path_factory.mktemp("structure-smoke")
     return run_stage("structure", REPO / "configs/smoke/structure.yaml", inputs={"latents": vae_smoke[0].uri},
                      output=(root / "structure").as_uri())
+
+
+@pytest.fixture(scope="session")
+def material_smoke(vae_smoke: tuple[RunOutcome, str], structure_smoke: RunOutcome,
+                   tmp_path_factory: pytest.TempPathFactory) -> RunOutcome:
+    """The smoke material stage on `vae_smoke`'s latents, textured end to end with `structure_smoke`."""
+    root = tmp_path_factory.mktemp("material-smoke")
+    return run_stage("material", REPO / "configs/smoke/material.yaml",
+                     inputs={"latents": vae_smoke[0].uri, "structure": structure_smoke.uri},
+                     output=(root / "material").as_uri())

@@ -45,6 +45,9 @@ class GeneratedScene:
     origin: np.ndarray  # [3] metres
     cube_size: float
     meta: dict[str, Any] = field(default_factory=dict)
+    # [M, L] the generated geometry latents of `cells` in the VAE's own (denormalised) space: what stage 3's
+    # materials are sampled on. None for scenes that did not come from the sampler (truths, baselines).
+    latents: np.ndarray | None = None
 
     @property
     def voxel_size(self) -> float:
@@ -159,11 +162,13 @@ def generate_scenes(gen: Generator, batch: Mapping[str, Any], sampling: Sampling
     classes = (geo.class_logits[keep].argmax(-1).cpu() if geo.class_logits is not None
                else torch.zeros(int(keep.sum()), dtype=torch.long))
     scenes = []
+    raw_cpu = raw.float().cpu()
     for b in range(B):
         rows = vox[:, 0] == b
+        own = (cells[:, 0] == b).cpu()
         scenes.append(GeneratedScene(
-            cells=cells[cells[:, 0] == b, 1:].cpu().numpy(), voxels=vox[rows, 1:].numpy().astype(np.int64),
-            classes=classes[rows].numpy(), resolution=N,
+            cells=cells[own.to(cells.device), 1:].cpu().numpy(), latents=raw_cpu[own].numpy(),
+            voxels=vox[rows, 1:].numpy().astype(np.int64), classes=classes[rows].numpy(), resolution=N,
             origin=np.asarray(batch["origin"][b].cpu(), np.float64), cube_size=float(batch["cube_size"][b]),
             meta={"key": batch["keys"][b] if "keys" in batch else None, "sampler": sampling.method,
                   "steps": sampling.steps, "cfg_scale": sampling.cfg_scale, "seed": sampling.seed},

@@ -61,6 +61,10 @@ class StructureData:
         return {"latent": lat, "cond": cond}
 
     def collate(self, samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        return self.collate_with_views(samples)[0]
+
+    def collate_with_views(self, samples: Sequence[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, Any]]:
+        """(the batch, the collated condition samples: every view and field they were read with)."""
         lat = [s["latent"] for s in samples]
         views = collate_scenes([s["cond"] for s in samples])
         coords = torch.cat([torch.cat([torch.full((len(s["coords"]), 1), b, dtype=torch.int32),
@@ -81,7 +85,7 @@ class StructureData:
             "intrinsics": views["intrinsics"][:, 0], "cam_to_world": views["cam_to_world"][:, 0],
             "layout_text": views.get("layout_text", [""] * len(lat)),
             "has_layout": views.get("has_layout", torch.ones(len(lat), dtype=torch.bool)),
-        }
+        }, views
 
 
 class StructureLoader:
