@@ -10,7 +10,8 @@ did not change:
                   is cached, so a fresh daemon re-imports it in seconds instead of re-running debootstrap).
 2. ``project``    one wheel per project package (``pip wheel --no-deps``), rebuilt when its sources change.
 3. ``wheelhouse`` every third-party wheel the images need, for the target Python, with torch pinned
-                  by ``--torch-spec`` (default: the CPU-only build); skipped if requirements are unchanged.
+                  by ``--torch-spec`` (default: the CPU-only build) and torchvision constrained to the build
+                  paired with it (``torchvision_for``); skipped if requirements are unchanged.
 4. ``contexts``   a small build context per image: the exact wheel closure (hard links into the wheelhouse),
                   pinned lock files and the project wheels. ``pip install --dry-run`` against the wheelhouse
                   with ``--no-index`` proves the closure installs offline before Docker runs.
@@ -55,6 +56,64 @@ def image_torch_spec() -> str:
 
 
 DEFAULT_TORCH_SPEC = image_torch_spec()
+# The development torch (a CUDA build that also runs on CPUs) and its torchvision, which install from local
+# files on the team's build machines: the way out when the CPU image torch has no matching torchvision offline.
+DEV_TORCH_PIN = REPO / "requirements" / "torch-cpu-dev.txt"
+
+# torchvision is compiled against one torch release: beside any other (or beside a build of the same release
+# with another accelerator: the PyPI wheel of 0.28.0 links libtorch_cuda, which torch 2.13.0+cpu lacks) its
+# operators fail to register ("operator torchvision::nms does not exist"). torch 2.N pairs with torchvision
+# 0.(N+15) (torchvision's own compatibility table), patch for patch, with one exception.
+TORCHVISION_FOR_TORCH_MINOR = {f"2.{n}": f"0.{n + 15}" for n in range(15)}
+TORCHVISION_PATCH_EXCEPTIONS = {"2.0.1": "0.15.2"}
+EXACT_TORCH = re.compile(r"\s*torch\s*===?\s*(\d+)\.(\d+)\.(\d+)(\+[A-Za-z0-9.]+)?\s*")
+
+
+def torchvision_for(torch_spec: str) -> str | None:
+    """The torchvision requirement that matches ``torch_spec``, or None when the spec is not one exact release.
+
+    The local label is carried over, so a CPU-only torch gets the CPU-only torchvision of the same index:
+    ``torch==2.13.0+cpu`` -> ``torchvision==0.28.0+cpu``, ``torch==2.14.1`` -> ``torchvision==0.29.1``.
+    """
+    m = EXACT_TORCH.fullmatch(torch_spec)
+    if not m:
+        return None
+    major, minor, patch, local = m.groups()
+    version = f"{major}.{minor}.{patch}"
+    paired_minor = TORCHVISION_FOR_TORCH_MINOR.get(f"{major}.{minor}")
+    if paired_minor is None:
+        return None
+    return f"torchvision=={TORCHVISION_PATCH_EXCEPTIONS.get(version, f'{paired_minor}.{patch}')}{local or ''}"
+
+
+def dev_torch_spec() -> str | None:
+    """The development environment's torch pin (requirements/torch-cpu-dev.txt), if it pins one exactly."""
+    if not DEV_TORCH_PIN.exists():
+        return None
+    for line in DEV_TORCH_PIN.read_text().splitlines():
+        if EXACT_TORCH.fullmatch(line.split("#")[0]):
+            return line.split("#")[0].strip()
+    return None
+
+
+def missing_torchvision_message(stages: list[str], torch_spec: str, pin: str, wheelhouse: Path) -> str:
+    """The one sentence an offline build says when the torchvision its images need cannot be had."""
+    alt = dev_torch_spec()
+    if alt and alt != torch_spec and torchvision_for(alt):
+        other = (
+            f"pass --torch-spec '{alt}' (the development pin of {DEV_TORCH_PIN.relative_to(REPO)}, a CUDA build"
+            f" that runs on CPUs too, paired with {torchvision_for(alt)})"
+        )
+    else:
+        other = "pass a --torch-spec whose matching torchvision pip can reach"
+    images = f"the {', '.join(stages)} image" + ("s need" if len(stages) > 1 else " needs")
+    return (
+        f"{images} torchvision, and the wheel that matches {torch_spec}, {pin}, is neither in the wheelhouse"
+        f" ({wheelhouse}) nor on any index pip reaches from here: build online (--online; it comes from"
+        f" --extra-index-url, the PyTorch CPU index by default) or {other}"
+    )
+
+
 DEBIAN_IMAGE = "interiorfusion/debian-python:bookworm"
 DEBIAN_PACKAGES = "python3,python3-venv,python3-pip,ca-certificates"
 DEBIAN_MIRROR = "http://deb.debian.org/debian"
@@ -218,6 +277,9 @@ class Builder:
         self.env = dict(os.environ)
         self.env["DOCKER_BUILDKIT"] = "1" if args.buildkit else "0"
         self.pip = [sys.executable, "-m", "pip"]
+        # The torchvision built against the images' torch: a pip constraint on every resolution, so an image
+        # that pulls torchvision in (directly or through lpips and the like) gets that build or none at all.
+        self.torchvision_pin = torchvision_for(args.torch_spec)
 
     # ---- helpers
     def docker_cmd(self, *a: str) -> list[str]:
@@ -379,9 +441,74 @@ class Builder:
                     reqs.append(r)
         return reqs
 
+    def needs_torchvision(self, names: list[str]) -> bool:
+        """Whether any of these project packages declares torchvision (a stage that uses it only through
+        another package, such as lpips, declares it too, so the build can tell which images need it)."""
+        return any(requirement_name(r) == "torchvision" for r in self.third_party(names))
+
+    def constraints(self) -> list[str]:
+        """pip constraints for every resolution: the torch spec, and the torchvision that matches it."""
+        return [self.args.torch_spec, *([self.torchvision_pin] if self.torchvision_pin else [])]
+
+    def constraints_file(self) -> Path:
+        path = self.cache / "constraints.txt"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        text = "\n".join(self.constraints()) + "\n"
+        if not path.exists() or path.read_text() != text:
+            path.write_text(text)
+        return path
+
+    def torchvision_obtainable(self) -> bool:
+        """Whether pip can get the paired torchvision wheel here: already in the wheelhouse, or from the indexes
+        and find-links of this host's pip configuration (a download of that one wheel, without dependencies)."""
+        pin = self.torchvision_pin
+        if pin is None:
+            return False
+        version = pin.split("==", 1)[1]
+        if any(self.deps_dir.glob(f"torchvision-{version}-*.whl")):
+            return True
+        with tempfile.TemporaryDirectory(prefix="if-probe-") as tmp:
+            cmd = [*self.pip, "download", "--quiet", "--no-deps", "--only-binary=:all:", "-d", tmp]
+            if self.deps_dir.is_dir():
+                cmd += ["--find-links", str(self.deps_dir)]
+            log(f"$ {' '.join([*cmd, pin])}")
+            proc = subprocess.run([*cmd, pin], env=self.env, capture_output=True, text=True)
+        return proc.returncode == 0
+
+    def wheelhouse_stages(self, known: list[str], selected: list[str]) -> list[str]:
+        """The stages whose requirements go into the shared offline wheelhouse.
+
+        Every stage, except that stages needing a torchvision that cannot be had here are left out when they
+        are not being built (a data image must not fail for the material stage's sake); when one of them is
+        being built, the build stops with one sentence saying which wheel is missing and the ways out.
+        """
+        wanting = [s for s in known if self.needs_torchvision(closure_of(self.packages, [f"interiorfusion-{s}"]))]
+        if not wanting:
+            return known
+        if self.torchvision_pin is not None and self.torchvision_obtainable():
+            return known
+        blocked = [s for s in selected if s in wanting]
+        if blocked:  # main() has refused a torch spec without a pair already
+            raise BuildFailure(
+                missing_torchvision_message(blocked, self.args.torch_spec, self.torchvision_pin, self.deps_dir)
+            )
+        left_out = [s for s in wanting if s not in selected]
+        log(
+            f"wheelhouse: leaving out {', '.join(left_out)} (needs {self.torchvision_pin or 'torchvision'},"
+            " not obtainable here), which is not being built"
+        )
+        return [s for s in known if s not in left_out]
+
     def ensure_wheelhouse(self, reqs: list[str]) -> None:
         stamp_file = self.deps_dir / ".stamp.json"
-        want = digest({"reqs": sorted(reqs), "py": sys.version_info[:2], "layout": LAYOUT_VERSION})
+        want = digest(
+            {
+                "reqs": sorted(reqs),
+                "constraints": self.constraints(),
+                "py": sys.version_info[:2],
+                "layout": LAYOUT_VERSION,
+            }
+        )
         with self.timer.step("wheelhouse") as st:
             if not self.args.refresh_wheelhouse and stamp_file.exists():
                 stamp = json.loads(stamp_file.read_text())
@@ -394,8 +521,19 @@ class Builder:
             # sdist-only package on the host, so the image never compiles anything. Wheels already in the
             # wheelhouse are found through --find-links and not fetched again.
             cmd = [*self.pip, "wheel", "--quiet", "--progress-bar", "off", "--prefer-binary"]
-            cmd += ["--find-links", str(self.deps_dir), "-w", str(self.deps_dir), *reqs]
-            run(cmd)
+            cmd += ["--find-links", str(self.deps_dir), "-w", str(self.deps_dir)]
+            cmd += ["--constraint", str(self.constraints_file()), *reqs]
+            try:
+                run(cmd)
+            except BuildFailure as e:
+                # A dependency that pulls torchvision in without the stage declaring it ends here.
+                if self.torchvision_pin and not self.torchvision_obtainable():
+                    raise BuildFailure(
+                        f"{e}; a dependency may need torchvision, and {self.torchvision_pin} (the build that"
+                        f" matches {self.args.torch_spec}) is not obtainable here: if a stage needs it, declare"
+                        " torchvision in its pyproject.toml so the build can say which image needs it"
+                    ) from None
+                raise
             # Keep exactly the resolved closure: a version bump must not leave the old wheel behind to be
             # picked by a later offline install.
             keep = sorted(p.name for p in self.resolve(reqs))
@@ -409,14 +547,15 @@ class Builder:
     def resolve(self, reqs: list[str]) -> list[Path]:
         """Wheel files of the full closure of ``reqs``, resolved offline from the wheelhouse alone."""
         listing = sorted((p.name, p.stat().st_size) for p in self.deps_dir.glob("*.whl"))
-        key = digest({"reqs": reqs, "wheels": listing, "v": LAYOUT_VERSION})
+        key = digest({"reqs": reqs, "constraints": self.constraints(), "wheels": listing, "v": LAYOUT_VERSION})
         memo = self.cache / "resolved" / f"{key}.json"
         if memo.exists():
             return [self.deps_dir / n for n in json.loads(memo.read_text())]
         with tempfile.TemporaryDirectory(prefix="if-resolve-") as tmp:
             report = Path(tmp) / "report.json"
             cmd = [*self.pip, "install", "--quiet", "--dry-run", "--ignore-installed", "--no-index"]
-            cmd += ["--only-binary=:all:", "--find-links", str(self.deps_dir), "--report", str(report), *reqs]
+            cmd += ["--only-binary=:all:", "--find-links", str(self.deps_dir), "--report", str(report)]
+            cmd += ["--constraint", str(self.constraints_file()), *reqs]
             env = dict(self.env)
             # The host's own pip settings (extra indexes, find-links) must not widen an offline resolution.
             env.pop("PIP_FIND_LINKS", None)
@@ -491,6 +630,7 @@ class Builder:
         if not self.args.online:
             base_names = {p.name for p in base_files}
             full = self.resolve([*self.pins(base_files), *reqs])
+            self.check_torchvision(stage, full)
             extra = [f for f in full if f.name not in base_names]
             for f in extra:
                 self.link(f, ctx / "wheels" / "deps")
@@ -498,6 +638,8 @@ class Builder:
         else:
             pins = reqs
         (ctx / "requirements" / "stage.txt").write_text("\n".join(pins) + "\n" if pins else "")
+        # Also for --online: the index then resolves torchvision inside the build, and must pick the paired one.
+        (ctx / "requirements" / "constraints.txt").write_text("\n".join(self.constraints()) + "\n")
         # Project wheels: the stage and the upstream stages it imports; core is already in the base image.
         mine = [n for n in project if n != "interiorfusion-core"]
         for name in mine:
@@ -506,6 +648,19 @@ class Builder:
             "".join(f"{canonical(n)}=={wheels[n].name.split('-')[1]}\n" for n in mine)
         )
         return ctx
+
+    def check_torchvision(self, stage: str, files: list[Path]) -> None:
+        """A torchvision in an image's closure must be the build paired with the image's torch."""
+        for f in files:
+            name, version = f.name.split("-")[:2]
+            if canonical(name) != "torchvision":
+                continue
+            want = self.torchvision_pin.split("==", 1)[1] if self.torchvision_pin else None
+            if version != want:
+                raise BuildFailure(
+                    f"the {stage} image would get torchvision {version}, but its torch ({self.args.torch_spec})"
+                    f" needs {self.torchvision_pin or 'an exact torch pin with a known torchvision'}"
+                )
 
     # ---- step 5: images
     def build_image(
@@ -568,6 +723,13 @@ class Builder:
         per_stage = {s: closure_of(self.packages, [f"interiorfusion-{s}"]) for s in stages}
         needed = closure_of(self.packages, [core, *[f"interiorfusion-{s}" for s in stages]])
 
+        no_pair = [s for s in stages if self.needs_torchvision(per_stage[s]) and self.torchvision_pin is None]
+        if no_pair:
+            raise BuildFailure(
+                f"the {', '.join(no_pair)} image needs torchvision, which must match torch exactly, but"
+                f" --torch-spec {args.torch_spec!r} is not one torch release with a known torchvision"
+                f" (TORCHVISION_FOR_TORCH_MINOR in containers/build.py); pin one, e.g. '{DEFAULT_TORCH_SPEC}'"
+            )
         base_image = self.ensure_debian()
         if not args.online:
             self.check_python(base_image)
@@ -575,7 +737,8 @@ class Builder:
         core_reqs = self.packages[core].requires
         if not args.online:
             # One resolution over every image's requirements: base and stages agree on shared versions.
-            all_stage_pkgs = closure_of(self.packages, [f"interiorfusion-{s}" for s in known] + [core])
+            in_wheelhouse = self.wheelhouse_stages(known, stages)
+            all_stage_pkgs = closure_of(self.packages, [f"interiorfusion-{s}" for s in in_wheelhouse] + [core])
             self.ensure_wheelhouse([args.torch_spec, *self.third_party(all_stage_pkgs)])
         with self.timer.step("contexts"):
             base_ctx, base_files = self.base_context(wheels[core], core_reqs)

@@ -153,6 +153,162 @@ def test_build_cli_defaults_pin_cpu_torch():
     assert args.torch_spec == pin and not args.online and args.network == "host"
 
 
+# ---- build.py: torchvision paired with the images' torch
+
+
+@pytest.mark.parametrize(
+    ("torch_spec", "torchvision"),
+    [
+        ("torch==2.13.0+cpu", "torchvision==0.28.0+cpu"),  # the CPU image pin: the CPU-only build, same index
+        ("torch==2.14.1", "torchvision==0.29.1"),  # the CUDA build of the dev pin
+        ("torch==2.14.0", "torchvision==0.29.0"),
+        ("torch==2.6.0+cu126", "torchvision==0.21.0+cu126"),
+        ("torch == 2.0.1", "torchvision==0.15.2"),  # the one release off the patch-for-patch rule
+        ("torch>=2.4", None),  # not one release: no pair
+        ("torch==2.14", None),
+        ("torch==3.0.0", None),  # unknown to the table
+    ],
+)
+def test_torchvision_pairing(torch_spec, torchvision):
+    assert load_build_module().torchvision_for(torch_spec) == torchvision
+
+
+def test_torchvision_pairing_agrees_with_the_pin_files():
+    build = load_build_module()
+    assert build.torchvision_for(build.image_torch_spec()) == "torchvision==0.28.0+cpu"
+    dev = (REPO / "requirements" / "torch-cpu-dev.txt").read_text().splitlines()
+    dev_torch = next(ln for ln in dev if ln.startswith("torch=="))
+    assert build.dev_torch_spec() == dev_torch
+    assert build.torchvision_for(dev_torch) in dev  # the dev environment installs that very pair
+
+
+def test_material_stage_declares_torchvision_and_stage_dockerfile_applies_constraints():
+    build = load_build_module()
+    packages = build.discover_packages()
+    material = packages["interiorfusion-material"]
+    assert material.runs_stage and {"lpips", "torchvision"} <= {build.requirement_name(r) for r in material.requires}
+    text = (REPO / "containers" / "stage" / "Dockerfile").read_text()
+    assert "-c /requirements/constraints.txt" in text  # --online builds resolve torchvision in the image
+
+
+def fake_wheel(directory: Path, name: str, version: str, requires: tuple[str, ...] = ()) -> Path:
+    """A minimal pure-Python wheel whose metadata pip resolves like the real package's."""
+    import zipfile
+
+    dist = f"{name.replace('-', '_')}-{version}"
+    files = {
+        f"{name.replace('-', '_')}/__init__.py": "",
+        f"{dist}.dist-info/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n"
+        + "".join(f"Requires-Dist: {r}\n" for r in requires),
+        f"{dist}.dist-info/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+    }
+    files[f"{dist}.dist-info/RECORD"] = "".join(f"{k},,\n" for k in files) + f"{dist}.dist-info/RECORD,,\n"
+    path = directory / f"{dist}-py3-none-any.whl"
+    with zipfile.ZipFile(path, "w") as z:
+        for k, v in files.items():
+            z.writestr(k, v)
+    return path
+
+
+@pytest.fixture
+def offline_builder(tmp_path, monkeypatch):
+    """make(torch_spec, wheels) -> a Builder whose pip sees only the fake wheels (no index, no host config)."""
+    build = load_build_module()
+    index = tmp_path / "index"
+    index.mkdir()
+    monkeypatch.setenv("PIP_CONFIG_FILE", os.devnull)
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    monkeypatch.setenv("PIP_FIND_LINKS", str(index))
+    monkeypatch.delenv("PIP_EXTRA_INDEX_URL", raising=False)
+    monkeypatch.delenv("PIP_INDEX_URL", raising=False)
+
+    def make(torch_spec: str, wheels: list[tuple]):
+        for w in wheels:
+            fake_wheel(index, *w)
+        where = ["--wheelhouse", str(tmp_path / "wh"), "--cache-dir", str(tmp_path / "cache")]
+        args = build.parse_args(["--docker", "true", "--torch-spec", torch_spec, *where])
+        return build, build.Builder(args)
+
+    return make
+
+
+CUDA_TORCHVISION_0_28 = ("torchvision", "0.28.0", ("torch==2.13.0",))  # PyPI's: 2.13.0+cpu satisfies ==2.13.0
+LPIPS = ("lpips", "0.1.4", ("torch>=0.4.0", "torchvision>=0.2.1"))
+
+
+def test_offline_build_without_the_paired_torchvision_fails_in_one_sentence(offline_builder):
+    build, builder = offline_builder("torch==2.13.0+cpu", [("torch", "2.13.0+cpu"), CUDA_TORCHVISION_0_28, LPIPS])
+    known = ["data", "material", "structure", "vae"]
+    with pytest.raises(build.BuildFailure) as err:
+        builder.wheelhouse_stages(known, ["data", "material"])
+    msg = str(err.value)
+    assert "\n" not in msg and msg.count(". ") == 0, msg  # one sentence
+    assert msg.startswith("the material image needs torchvision")
+    assert "torchvision==0.28.0+cpu" in msg and "torch==2.13.0+cpu" in msg
+    assert "--online" in msg and "--torch-spec 'torch==2.14.1'" in msg
+    # An image that does not need torchvision still builds: the material stage stays out of the wheelhouse.
+    assert builder.wheelhouse_stages(known, ["data", "vae"]) == ["data", "structure", "vae"]
+
+
+def test_offline_wheelhouse_takes_the_paired_cpu_torchvision_not_the_newest(offline_builder):
+    cpu_tv = ("torchvision", "0.28.0+cpu", ("torch==2.13.0",))
+    build, builder = offline_builder(
+        "torch==2.13.0+cpu",
+        [("torch", "2.13.0+cpu"), CUDA_TORCHVISION_0_28, cpu_tv, ("torchvision", "0.29.1", ("torch>=2.14.0",)), LPIPS],
+    )
+    assert builder.torchvision_pin == "torchvision==0.28.0+cpu" and builder.torchvision_obtainable()
+    assert builder.wheelhouse_stages(["data", "material"], ["material"]) == ["data", "material"]
+    builder.ensure_wheelhouse(["torch==2.13.0+cpu", "lpips>=0.1.4", "torchvision"])
+    names = sorted(p.name for p in builder.deps_dir.glob("*.whl"))
+    assert [n for n in names if n.startswith("torchvision-")] == ["torchvision-0.28.0+cpu-py3-none-any.whl"]
+    builder.check_torchvision("material", [builder.deps_dir / n for n in names])
+    wrong = r"would get torchvision 0\.28\.0, but .* needs torchvision==0\.28\.0\+cpu"
+    with pytest.raises(build.BuildFailure, match=wrong):
+        builder.check_torchvision("material", [Path("torchvision-0.28.0-cp311-cp311-manylinux_2_28_x86_64.whl")])
+
+
+def test_offline_wheelhouse_pairs_the_cuda_torch_with_its_torchvision(offline_builder):
+    _, builder = offline_builder(
+        "torch==2.14.1",
+        [
+            ("torch", "2.14.1"),
+            ("torch", "2.14.0"),
+            ("torchvision", "0.29.0", ("torch==2.14.0",)),
+            ("torchvision", "0.29.1", ("torch>=2.14.0",)),
+            CUDA_TORCHVISION_0_28,
+            LPIPS,
+        ],
+    )
+    assert builder.torchvision_pin == "torchvision==0.29.1"
+    builder.ensure_wheelhouse(["torch==2.14.1", "lpips>=0.1.4"])
+    names = sorted(p.name for p in builder.deps_dir.glob("*.whl"))
+    assert "torch-2.14.1-py3-none-any.whl" in names and "torchvision-0.29.1-py3-none-any.whl" in names
+    assert not [n for n in names if n.startswith(("torchvision-0.28", "torchvision-0.29.0"))]
+
+
+def test_offline_wheelhouse_names_torchvision_when_a_dependency_pulls_it_in(offline_builder):
+    build, builder = offline_builder("torch==2.13.0+cpu", [("torch", "2.13.0+cpu"), CUDA_TORCHVISION_0_28, LPIPS])
+    with pytest.raises(build.BuildFailure, match=r"torchvision==0\.28\.0\+cpu .*declare torchvision"):
+        builder.ensure_wheelhouse(["torch==2.13.0+cpu", "lpips>=0.1.4"])
+
+
+def test_online_stage_context_constrains_torch_and_torchvision(tmp_path):
+    # With --online pip resolves inside the image build: the context carries the pair as constraints.
+    build = load_build_module()
+    args = build.parse_args(["--docker", "true", "--online", "--cache-dir", str(tmp_path / "cache")])
+    builder = build.Builder(args)
+    project = build.closure_of(builder.packages, ["interiorfusion-material"])
+    wheels = {}
+    for name in project:
+        wheels[name] = tmp_path / f"{name.replace('-', '_')}-0.1.0-py3-none-any.whl"
+        wheels[name].write_text("")
+    ctx = builder.stage_context("material", wheels, [], project)
+    constraints = (ctx / "requirements" / "constraints.txt").read_text().split()
+    assert constraints == [build.DEFAULT_TORCH_SPEC, "torchvision==0.28.0+cpu"]
+    stage_reqs = (ctx / "requirements" / "stage.txt").read_text().split()
+    assert "lpips>=0.1.4" in stage_reqs and "torchvision" in stage_reqs
+
+
 def test_source_digest_ignores_build_outputs(tmp_path):
     build = load_build_module()
     (tmp_path / "src").mkdir()
