@@ -46,7 +46,9 @@ def test_material_terms_zero_for_perfect_positive_otherwise(kind: str) -> None:
 def test_normal_cosine_ignores_scale_and_skips_zero_targets() -> None:
     truth = materials(10)[:, 5:8]
     assert float(normal_cosine(truth * 3.0, truth)) == pytest.approx(0.0, abs=1e-6)
-    assert float(normal_cosine(-truth, truth)) == pytest.approx(2.0, abs=1e-5)
+    assert float(normal_cosine(-truth, truth)) == pytest.approx(0.0, abs=1e-6)  # an orientation: n ~ −n
+    side = torch.nn.functional.normalize(torch.cross(truth, torch.randn(10, 3), dim=1), dim=1)
+    assert float(normal_cosine(side, truth)) == pytest.approx(1.0, abs=1e-5)
     holes = torch.cat([truth, torch.zeros(5, 3)])
     assert float(normal_cosine(torch.cat([truth, torch.ones(5, 3)]), holes)) == pytest.approx(0.0, abs=1e-6)
 

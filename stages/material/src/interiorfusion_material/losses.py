@@ -36,12 +36,14 @@ def distance(pred: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tenso
 
 
 def normal_cosine(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """1 − cos(pred, target), over the targets with a direction (length above 0.5: quantised unit normals)."""
+    """1 − |cos(pred, target)|, over the targets with a direction (length above 0.5: quantised unit normals).
+    Sign-free, as the VAE's normal terms: a voxel's normal is an orientation (a wall voxel is seen from both
+    sides, and the shading turns every normal towards the eye), so n and −n shade alike."""
     keep = target.float().norm(dim=1) > 0.5
     if not bool(keep.any()):
         return pred.float().sum() * 0.0
     cos = F.cosine_similarity(pred[keep].float(), target[keep].float(), dim=1, eps=1e-6)
-    return (1.0 - cos).clamp_min(0).mean()
+    return (1.0 - cos.abs()).clamp_min(0).mean()
 
 
 def material_terms(pred: torch.Tensor, target: torch.Tensor, albedo: DistanceTerm, metallic_roughness: DistanceTerm

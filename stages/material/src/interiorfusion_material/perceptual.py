@@ -64,7 +64,7 @@ def build_lpips(ref: PretrainedRef, network: str = "vgg") -> nn.Module:
         path = backbone_path(ref, network)
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # noqa: BLE001 - any unreadable file is the same user error
+        except Exception as exc:  # any unreadable file is the same user error
             raise UserError(f"{CONFIG_KEY}: {path} is not a readable torchvision checkpoint ({exc})") from None
         load_backbone(net.net, state, path)
     net.eval().requires_grad_(False)

@@ -117,8 +117,10 @@ def untrained(gen: MaterialGenerator) -> MaterialGenerator:
 
 # ------------------------------------------------------------------------------------------------ on true geometry
 @torch.no_grad()
-def materials_on_truth(gen: MaterialGenerator, batch: Mapping[str, Any], method: str) -> torch.Tensor:
-    """[V, 8] materials on the batch's true voxels (its voxel order) by `method` (METHODS)."""
+def materials_on_truth(gen: MaterialGenerator, batch: Mapping[str, Any], method: str
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """([V, 8] materials on the batch's true voxels (its voxel order), [T, L] the normalised material latents
+    they were decoded from) by `method` (METHODS)."""
     res = int(batch["resolution"])
     stats = gen.stats[res]
     B = len(batch["num_tokens"])
@@ -130,7 +132,7 @@ def materials_on_truth(gen: MaterialGenerator, batch: Mapping[str, Any], method:
         x1 = sample_material_latents(net, batch, batch["coords"], batch["num_tokens"], geometry, 0.0, resolution=res)
     elif method == "vae_reconstruction":
         x1 = batch["feats"].float()
-    else:  # mean material: the mean latent's decode for the normals, the data's mean material for the rest
+    else:  # mean material / mean latent: the mean latent's decode (mean material: its normals only)
         x1 = torch.zeros_like(batch["feats"], dtype=torch.float32)
     geo, mats = decode_materials(gen.vae, batch["coords"], denormalize(geometry, stats["geometry"]),
                                  denormalize(x1, stats["material"]), B, R, c, structure)
@@ -138,14 +140,14 @@ def materials_on_truth(gen: MaterialGenerator, batch: Mapping[str, Any], method:
     if method == "mean_material":
         prior = torch.sigmoid(gen.vae.decoder.material.material_prior.float())
         pred = torch.cat([prior.to(pred.device).expand(len(pred), 5), pred[:, 5:8]], 1)
-    return pred
+    return pred, x1
 
 
 def sample_scores(pred: torch.Tensor, truth: torch.Tensor, rows: torch.Tensor, pixels: list[ViewPixels],
                   lpips_net: nn.Module) -> dict[str, float]:
     """One sample's material errors on its voxels `rows` and its shaded views' PSNR and LPIPS."""
     p, t = pred[rows].float(), truth[rows].float()
-    cos = torch.nn.functional.cosine_similarity(p[:, 5:8], t[:, 5:8], dim=1, eps=1e-6).clamp(-1, 1)
+    cos = torch.nn.functional.cosine_similarity(p[:, 5:8], t[:, 5:8], dim=1, eps=1e-6).abs().clamp(0, 1)
     out = {"material_l1": float((p[:, :5] - t[:, :5]).abs().mean()),
            "albedo_l1": float((p[:, :3] - t[:, :3]).abs().mean()),
            "metallic_roughness_l1": float((p[:, 3:5] - t[:, 3:5]).abs().mean()),
@@ -177,16 +179,26 @@ def held_out_report(ctx: StageContext, gen: MaterialGenerator, latents: Any, con
         for start in range(0, len(indices), config.training.batch_size):
             chunk = indices[start:start + config.training.batch_size]
             batch = batch_to_device(held.collate([held.sample(i) for i in chunk]), rt.device)
-            preds = {m: materials_on_truth(gen, batch, m) for m in METHODS}
+            outs = {m: materials_on_truth(gen, batch, m) for m in METHODS}
+            preds = {m: p for m, (p, _) in outs.items()}
+            mean_latent = materials_on_truth(gen, batch, "mean_latent")[0]
             truth = batch["voxel_feats"].float()
+            true_latents = batch["feats"].float()
             pixels = view_pixels(batch, config.render.views, config.render.image_size)
             for b, i in enumerate(chunk):
                 rows = (batch["voxel_coords"][:, 0] == b).nonzero().flatten()
+                tokens = batch["coords"][:, 0] == b
                 own = [p for p in pixels if p.sample == b]
                 if not bool(batch["has_materials"][b]):
                     continue
+                scores = {m: sample_scores(preds[m], truth, rows, own, lpips_net) for m in METHODS}
+                for m, (_, x1) in outs.items():  # the flow's own error: sampled vs true latents (normalised)
+                    scores[m]["latent_mse"] = float(((x1[tokens] - true_latents[tokens]) ** 2).mean())
+                # How much the VAE's decode depends on its material latent at all (true vs mean latent): the most
+                # any latent generator can move the materials of this room.
+                effect = float((preds["vae_reconstruction"][rows, :5] - mean_latent[rows, :5]).abs().mean())
                 records.append({"key": batch["keys"][b], "split": split, "index": i, "voxels": len(rows),
-                                **{m: sample_scores(preds[m], truth, rows, own, lpips_net) for m in METHODS}})
+                                "vae_latent_effect": effect, **scores})
                 if rt.is_main and len(sheet) < ev.log_samples:
                     png = preview(batch, b, preds["generated"], truth)
                     ctx.tracker.log_image(png, f"heldout/{batch['keys'][b]}_materials.png")
@@ -219,6 +231,7 @@ def summarize(records: list[dict[str, Any]], resolution: int, config: DiTMateria
             vals = [r[method][name] for r in records if np.isfinite(r[method].get(name, np.nan))]
             prefix = "" if method == "generated" else f"{method}_"
             metrics[f"{prefix}{name}"] = float(np.mean(vals)) if vals else float("nan")
+    metrics["vae_latent_effect"] = float(np.mean([r["vae_latent_effect"] for r in records]))
     return {"resolution": resolution, "samples": len(records), "geometry": "true (the data's)",
             "lpips_backbone": "random (test/smoke config)" if config.lpips_weights.random_init else "imagenet",
             "metrics": metrics, "records": records}
@@ -290,7 +303,7 @@ class MaterialPreviews(Callback):
                                 {res: latent_stats(self.latents, res)}, data.latents.compression, res)
         batch = trainer.task.to_device(data.collate([data.sample(i) for i in range(min(n, len(data)))]),
                                        trainer.rt.device)
-        pred = materials_on_truth(gen, batch, "generated")
+        pred = materials_on_truth(gen, batch, "generated")[0]
         model.train(was_training)
         if trainer.rt.is_main:
             truth = batch["voxel_feats"].float()

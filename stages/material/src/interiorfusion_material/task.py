@@ -82,7 +82,7 @@ def subdivision(voxel_coords: torch.Tensor, resolution: int, compression: int, b
                 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """The true voxels' subdivision, coarse → fine (each level's parent coords and which of their 8 children
     exist): what the VAE encoder hands its decoder, computed from the voxels alone (no encoder pass)."""
-    ups = int(round(math.log2(compression)))
+    ups = round(math.log2(compression))
     h = SparseTensor(voxel_coords.int(), voxel_coords.new_ones(len(voxel_coords), 1, dtype=torch.float32),
                      resolution, 1, batch_size=batch_size)
     levels, masks = [h], []
@@ -199,8 +199,8 @@ class MaterialTask(StructureTask):
 
     def flow_input(self, batch: Mapping[str, Any], x: torch.Tensor, t: torch.Tensor, level: torch.Tensor,
                    geometry: torch.Tensor, lift_keep: torch.Tensor | None = None) -> FlowInput:
-        return material_flow_input(self.config, batch, int(batch["latent_resolution"]), batch["coords"], batch["num_tokens"], x, t, level, geometry,
-                                   lift_keep)
+        return material_flow_input(self.config, batch, int(batch["latent_resolution"]), batch["coords"],
+                                   batch["num_tokens"], x, t, level, geometry, lift_keep)
 
     def compute_losses(self, model: nn.Module, batch: Any) -> Mapping[str, torch.Tensor]:
         cfg = self.config
@@ -265,4 +265,5 @@ class MaterialTask(StructureTask):
         return int(batch["coords"].shape[0])
 
 
-__all__ = ["MaterialData", "MaterialTask", "decode_materials", "latent_stats", "material_flow_input", "subdivision", "true_rows"]
+__all__ = ["MaterialData", "MaterialTask", "decode_materials", "latent_stats", "material_flow_input", "subdivision",
+           "true_rows"]
