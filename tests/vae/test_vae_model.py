@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -230,3 +232,24 @@ def test_semantic_term_learns_the_classes() -> None:
         none = vae_losses(enc, out, occ, material, {"labels": labels, "has_labels": torch.tensor([False, False])},
                           VAELossConfig(), "mean", render_views=0)
     assert float(none["semantic"]) == 0.0
+
+
+def test_geometry_dropout_makes_the_material_branch_decode_from_its_latent_alone() -> None:
+    """In training, a dropped sample's materials depend on the material latent only (its geometry half and the
+    geometry features are zeroed); in eval every sample reads both."""
+    occ = _room()
+    torch.manual_seed(0)
+    model = SLATInteriorVAE(latent_dim=4, channels=[8, 8, 16, 16, 16], blocks_per_level=1, backend="torch",
+                            material_geometry_dropout=1.0)
+    with torch.no_grad():
+        mu = model.encode(occ, torch.rand(len(occ), 8))["mu"]
+        geo = model.decoder.geometry(mu.replace(mu.feats[:, :4]))
+        other_geo = mu.replace(torch.cat([mu.feats[:, :4] + 1.0, mu.feats[:, 4:]], 1))
+        # The same subdivision with other geometry features.
+        scaled = dataclasses.replace(geo, parents=[p.replace(p.feats * 3) for p in geo.parents],
+                                     voxels=geo.voxels.replace(geo.voxels.feats * 3))
+        branch = model.decoder.material.train()
+        assert torch.equal(branch(mu, geo), branch(other_geo, scaled))  # no geometry input reaches it
+        branch.eval()
+        assert not torch.equal(branch(mu, geo), branch(other_geo, geo))
+        assert not torch.equal(branch(mu, geo), branch(mu, scaled))

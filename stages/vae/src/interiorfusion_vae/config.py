@@ -26,6 +26,7 @@ from interiorfusion_core.config.base import (
     NonNegativeFloat,
     NonNegativeInt,
     PositiveInt,
+    Probability,
     SchedulerConfig,
     StageSpec,
     Strict,
@@ -42,6 +43,9 @@ class VAEModelConfig(Strict):
     channels: list[PositiveInt] = Field(default_factory=lambda: [32, 64, 128, 256, 512], min_length=2)
     blocks_per_level: PositiveInt = 2
     sparse_backend: Literal["auto", "torch", "spconv", "minkowski"] = "auto"
+    # Per training sample, the probability that the material branch decodes from the material latent alone (its
+    # geometry inputs zeroed), so the material latent carries the materials (interiorfusion_vae.model).
+    material_geometry_dropout: Probability = 0.5
 
     @model_validator(mode="after")
     def _resolutions(self) -> VAEModelConfig:

@@ -256,10 +256,18 @@ class GeometryDecoder(nn.Module):
 
 class MaterialDecoder(nn.Module):
     """Both latents → per-voxel material on the geometry branch's subdivision. At every level the geometry
-    branch's features enter (detached: material losses never move the geometry decoder)."""
+    branch's features enter (detached: material losses never move the geometry decoder).
 
-    def __init__(self, latent_channels: int, channels: list[int], blocks: int, backend: str | None):
+    Geometry dropout: in training, each sample loses its geometry inputs (the geometry half of the latent and the
+    geometry features) with probability `geometry_dropout`, so the material latent has to carry the materials.
+    Without it the branch learned to predict materials from the geometry features alone (memorising the training
+    rooms by their shape) and ignored its latent: decoding a room with its true, the mean or a random material
+    latent gave the same materials to 3e-4 L1, so no material generator could change them."""
+
+    def __init__(self, latent_channels: int, channels: list[int], blocks: int, backend: str | None,
+                 geometry_dropout: float = 0.0):
         super().__init__()
+        self.geometry_dropout = geometry_dropout
         coarse_to_fine = list(reversed(channels))
         self.stem = nn.Linear(latent_channels, coarse_to_fine[0])
         self.lifts = nn.ModuleList(nn.Linear(c, c) for c in coarse_to_fine)
@@ -277,10 +285,22 @@ class MaterialDecoder(nn.Module):
         self.act = nn.SiLU()
 
     def forward(self, z: SparseTensor, geometry: GeometryOutput) -> torch.Tensor:
-        h = z.replace(self.stem(z.feats))
+        keep = None  # [B] per sample: 1 keeps its geometry inputs, 0 drops them (training only)
+        if self.training and self.geometry_dropout > 0:
+            batch = int(z.coords[:, 0].max()) + 1 if len(z.coords) else 1
+            keep = (torch.rand(batch, device=z.feats.device) >= self.geometry_dropout).to(z.feats.dtype)
+        feats = z.feats
+        if keep is not None:
+            half = feats.shape[1] // 2
+            geo_scale = keep[z.coords[:, 0].long()][:, None]
+            feats = torch.cat([feats[:, :half] * geo_scale, feats[:, half:]], 1)
+        h = z.replace(self.stem(feats))
         levels = [*geometry.parents, geometry.voxels]
         for i, g in enumerate(levels):
-            h = self.stages[i](h.replace(h.feats + self.lifts[i](g.feats.detach())))
+            lift = self.lifts[i](g.feats.detach())
+            if keep is not None:
+                lift = lift * keep[g.coords[:, 0].long()][:, None]
+            h = self.stages[i](h.replace(h.feats + lift))
             if i < len(self.ups):
                 h = self.ups[i](h, geometry.keeps[i])
         raw = self.head(self.act(self.out_norm(h).feats))
@@ -291,11 +311,12 @@ class MaterialDecoder(nn.Module):
 class SparseDecoder(nn.Module):
     """The two branches: geometry (geometry latent only) and material (both latents)."""
 
-    def __init__(self, latent_dim: int, channels: list[int], blocks: int, backend: str | None, num_classes: int):
+    def __init__(self, latent_dim: int, channels: list[int], blocks: int, backend: str | None, num_classes: int,
+                 geometry_dropout: float = 0.0):
         super().__init__()
         self.latent_dim = latent_dim
         self.geometry = GeometryDecoder(latent_dim, channels, blocks, backend, num_classes)
-        self.material = MaterialDecoder(2 * latent_dim, channels, blocks, backend)
+        self.material = MaterialDecoder(2 * latent_dim, channels, blocks, backend, geometry_dropout)
 
     def forward(self, z: SparseTensor, structure: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
                 proposals: float = 0.0) -> DecoderOutput:
@@ -313,6 +334,7 @@ class SLATInteriorVAE(nn.Module):
         blocks_per_level: int = 2,
         backend: str | None = None,
         num_classes: int = 0,
+        material_geometry_dropout: float = 0.0,
     ):
         super().__init__()
         channels = channels or [32, 64, 128, 256, 512]
@@ -322,7 +344,8 @@ class SLATInteriorVAE(nn.Module):
         self.geometry_encoder = SparseEncoder(1, channels, blocks_per_level, latent_dim, backend)
         self.material_encoder = SparseEncoder(1 + MATERIAL_CHANNELS, channels, blocks_per_level, latent_dim, backend)
         self.num_classes = num_classes
-        self.decoder = SparseDecoder(latent_dim, channels, blocks_per_level, backend, num_classes)
+        self.decoder = SparseDecoder(latent_dim, channels, blocks_per_level, backend, num_classes,
+                                     material_geometry_dropout)
 
     @torch.no_grad()
     def set_material_prior(self, mean_material: torch.Tensor) -> None:

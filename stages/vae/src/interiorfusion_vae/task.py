@@ -28,7 +28,8 @@ FEATURE_FIELDS = frozenset({"feats"})
 def build_vae(config: VAEPretrainConfig) -> SLATInteriorVAE:
     m = config.model
     backend = None if m.sparse_backend == "auto" else m.sparse_backend
-    return SLATInteriorVAE(m.latent_dim, list(m.channels), m.blocks_per_level, backend, num_classes=len(CLASSES))
+    return SLATInteriorVAE(m.latent_dim, list(m.channels), m.blocks_per_level, backend, num_classes=len(CLASSES),
+                           material_geometry_dropout=m.material_geometry_dropout)
 
 
 # Surface voxels of an interior at resolution N grow like its area: ≈ 4·N² (measured on the procedural rooms:
