@@ -41,8 +41,8 @@ def generate(
     import torch
 
     from interiorfusion_material.generate import load_material_generator, resolve_stage_uri, texture_scenes
-    from interiorfusion_structure.user_input import condition_batch
     from interiorfusion_structure.generate import generate_scenes, load_generator, scene_glb, scene_preview
+    from interiorfusion_structure.user_input import condition_batch
 
     dev = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
     structure_uri = resolve_stage_uri(source, "structure")
