@@ -25,7 +25,8 @@ from interiorfusion_core.storage import open_store
 from interiorfusion_material.config import DiTMaterialConfig, MaterialSamplingConfig
 from interiorfusion_material.model import MaterialModel
 from interiorfusion_material.task import decode_materials, denormalize, latent_stats, material_flow_input
-from interiorfusion_structure.flow import ALL, Guidance, guided, sample_ode
+from interiorfusion_structure.flow import ALL, guided, sample_ode
+from interiorfusion_structure.generate import branch_drops, sampling_guidance
 
 GENERATION_FORMAT = "interiorfusion.material-generation/1"
 
@@ -85,15 +86,8 @@ def sample_material_latents(gen: MaterialGenerator, batch: Mapping[str, Any], co
     R = N // gen.compression
     B = len(batch["rgb"])
     cond_batch = {**batch, **frozen_features(gen.frozen, batch, None)}
-    guidance = Guidance(sampling.cfg_scale, dict(sampling.cfg_modality))
-
-    def drops(drop: frozenset[str]) -> dict[str, torch.Tensor] | None:
-        if not drop:
-            return None
-        names = model.conditions.modalities if ALL in drop else [m for m in drop if m in model.conditions.modalities]
-        return {m: torch.ones(B, dtype=torch.bool, device=device) for m in names}
-
-    conds = {d: model.encode_conditions(cond_batch, drops(d)) for d in guidance.branches()}
+    guidance = sampling_guidance(sampling)
+    conds = {d: model.encode_conditions(cond_batch, branch_drops(model, B, d, device)) for d in guidance.branches()}
     levels = torch.full((B,), float(level), device=device)
     coords, geometry = coords.to(device), geometry.to(device).float()
 

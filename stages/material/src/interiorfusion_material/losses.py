@@ -23,6 +23,7 @@ from torch import nn
 from interiorfusion_core.config.base import DistanceTerm
 from interiorfusion_data.shading_torch import shade_torch
 from interiorfusion_material.perceptual import lpips_distance
+from interiorfusion_vae.losses import distance as vae_distance
 
 ALBEDO, METAL_ROUGH, NORMAL = slice(0, 3), slice(3, 5), slice(5, 8)
 
@@ -31,8 +32,7 @@ def distance(pred: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tenso
     """Mean absolute (l1) or mean squared (mse) error, in fp32; 0 for no elements."""
     if pred.numel() == 0:
         return pred.float().sum() * 0.0
-    diff = pred.float() - target.float()
-    return diff.abs().mean() if kind == "l1" else (diff * diff).mean()
+    return vae_distance(pred.float(), target.float(), kind)
 
 
 def normal_cosine(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

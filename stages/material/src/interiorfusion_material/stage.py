@@ -40,17 +40,9 @@ from interiorfusion_material.generate import (
 from interiorfusion_material.losses import ViewPixels, composite, psnr, shade_pixels, view_pixels
 from interiorfusion_material.model import MaterialModel
 from interiorfusion_material.perceptual import build_lpips, check_lpips_weights, lpips_distance
-from interiorfusion_material.task import (
-    MaterialData,
-    MaterialTask,
-    decode_materials,
-    denormalize,
-    latent_stats,
-    subdivision,
-    true_rows,
-)
+from interiorfusion_material.task import MaterialData, MaterialTask, decode_on_true_geometry, latent_stats
 from interiorfusion_structure.conditions import check_pretrained
-from interiorfusion_structure.stage import save_random_frozen, stack_pngs
+from interiorfusion_structure.stage import load_final_weights, save_random_frozen, stack_pngs
 from interiorfusion_structure.task import batch_to_device
 from interiorfusion_vae.latents import open_latents
 from interiorfusion_vae.stage import load_vae_output
@@ -96,13 +88,7 @@ class MaterialStage(Stage):
 
 def load_trained(ctx: StageContext, checkpoint: str, config: DiTMaterialConfig, latent_channels: int,
                  device: torch.device | str) -> MaterialModel:
-    from safetensors.torch import load_file
-
-    path = ctx.output.get_file(f"{checkpoint}/model.safetensors", Path(ctx.work_dir) / "material.safetensors")
-    model = MaterialModel(config, latent_channels)
-    model.load_state_dict(load_file(str(path)))
-    path.unlink(missing_ok=True)
-    return model.to(device).eval()
+    return load_final_weights(ctx, checkpoint, MaterialModel(config, latent_channels), device)
 
 
 def untrained(gen: MaterialGenerator) -> MaterialGenerator:
@@ -117,26 +103,21 @@ def untrained(gen: MaterialGenerator) -> MaterialGenerator:
 
 # ------------------------------------------------------------------------------------------------ on true geometry
 @torch.no_grad()
-def materials_on_truth(gen: MaterialGenerator, batch: Mapping[str, Any], method: str
-                       ) -> tuple[torch.Tensor, torch.Tensor]:
+def materials_on_truth(gen: MaterialGenerator, batch: Mapping[str, Any], method: str,
+                       baseline: MaterialGenerator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """([V, 8] materials on the batch's true voxels (its voxel order), [T, L] the normalised material latents
-    they were decoded from) by `method` (METHODS)."""
+    they were decoded from) by `method` (METHODS, or `mean_latent`); `untrained` samples with `baseline` (built
+    once by the caller; default: `untrained(gen)`)."""
     res = int(batch["resolution"])
-    stats = gen.stats[res]
-    B = len(batch["num_tokens"])
-    R, c = int(batch["latent_resolution"]), int(batch["compression"])
-    structure = subdivision(batch["voxel_coords"], res, c, B)
     geometry = batch["geometry"].float()
     if method in ("generated", "untrained"):
-        net = gen if method == "generated" else untrained(gen)
+        net = gen if method == "generated" else baseline or untrained(gen)
         x1 = sample_material_latents(net, batch, batch["coords"], batch["num_tokens"], geometry, 0.0, resolution=res)
     elif method == "vae_reconstruction":
         x1 = batch["feats"].float()
     else:  # mean material / mean latent: the mean latent's decode (mean material: its normals only)
         x1 = torch.zeros_like(batch["feats"], dtype=torch.float32)
-    geo, mats = decode_materials(gen.vae, batch["coords"], denormalize(geometry, stats["geometry"]),
-                                 denormalize(x1, stats["material"]), B, R, c, structure)
-    pred = mats[true_rows(geo, batch["voxel_coords"])].float()
+    pred = decode_on_true_geometry(gen.vae, batch, gen.stats[res], x1)
     if method == "mean_material":
         prior = torch.sigmoid(gen.vae.decoder.material.material_prior.float())
         pred = torch.cat([prior.to(pred.device).expand(len(pred), 5), pred[:, 5:8]], 1)
@@ -168,6 +149,7 @@ def held_out_report(ctx: StageContext, gen: MaterialGenerator, latents: Any, con
     ev = config.eval
     records: list[dict[str, Any]] = []
     remaining = ev.samples
+    baseline = untrained(gen)
     sheet: list[bytes] = []
     for split in ev.splits:
         try:
@@ -179,7 +161,7 @@ def held_out_report(ctx: StageContext, gen: MaterialGenerator, latents: Any, con
         for start in range(0, len(indices), config.training.batch_size):
             chunk = indices[start:start + config.training.batch_size]
             batch = batch_to_device(held.collate([held.sample(i) for i in chunk]), rt.device)
-            outs = {m: materials_on_truth(gen, batch, m) for m in METHODS}
+            outs = {m: materials_on_truth(gen, batch, m, baseline) for m in METHODS}
             preds = {m: p for m, (p, _) in outs.items()}
             mean_latent = materials_on_truth(gen, batch, "mean_latent")[0]
             truth = batch["voxel_feats"].float()

@@ -17,7 +17,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from interiorfusion_core.config.base import CurriculumPhase
 from interiorfusion_core.errors import UserError
 from interiorfusion_core.sparse import SparseTensor, space_to_channel
 from interiorfusion_material.config import DiTMaterialConfig
@@ -32,7 +31,6 @@ from interiorfusion_structure.model import FlowInput
 from interiorfusion_structure.task import (
     SampleNoise,
     StructureData,
-    StructureLoader,
     StructureTask,
     lifted_depth,
 )
@@ -134,6 +132,20 @@ def material_flow_input(config: DiTMaterialConfig, batch: Mapping[str, Any], gri
     return FlowInput(x, coords, segments, t, cond)
 
 
+def decode_on_true_geometry(vae: nn.Module, batch: Mapping[str, Any],
+                            stats: Mapping[str, tuple[torch.Tensor, torch.Tensor]], material_latents: torch.Tensor
+                            ) -> torch.Tensor:
+    """[V, 8] materials decoded from normalised material latents [T, L] on the batch's true geometry (its geometry
+    latents and subdivision), on its true voxels in the batch's voxel order (fp32)."""
+    res, c = int(batch["resolution"]), int(batch["compression"])
+    B = len(batch["num_tokens"])
+    structure = subdivision(batch["voxel_coords"].to(material_latents.device), res, c, B)
+    geo, mats = decode_materials(vae, batch["coords"], denormalize(batch["geometry"], stats["geometry"]),
+                                 denormalize(material_latents, stats["material"]), B, int(batch["latent_resolution"]),
+                                 c, structure)
+    return mats[true_rows(geo, batch["voxel_coords"])].float()
+
+
 _STATS: dict[tuple[str, int], dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
 
 
@@ -175,27 +187,8 @@ class MaterialTask(StructureTask):
     def encoders(self) -> dict[str, nn.Module]:
         return {k: v for k, v in self.frozen.items() if k not in ("vae", "lpips")}
 
-    def _loader(self, split: str, resolution: int, rank: int, world_size: int, seed: int,
-                shuffle: bool) -> StructureLoader:
-        data = MaterialData(self.latents_source, split, resolution, self.config.render.views)
-        return StructureLoader(data, self.config.training.batch_size, self.config.max_tokens, shuffle=shuffle,
-                               seed=seed, rank=rank, world_size=world_size, random_views=shuffle,
-                               max_corrupt_fraction=self.config.data.max_corrupt_fraction)
-
-    def make_loader(self, phase: CurriculumPhase | None, rank: int, world_size: int, seed: int) -> StructureLoader:
-        resolution = phase.resolution if phase is not None else self.target_resolution()
-        return self._loader("train", resolution, rank, world_size, seed, shuffle=True)
-
-    def val_batches(self, rank: int, world_size: int) -> StructureLoader | None:
-        split = self.config.eval.splits[0]
-        try:
-            data = MaterialData(self.latents_source, split, self.resolution, self.config.render.views)
-        except UserError:
-            return None
-        if len(data) == 0:
-            return None
-        return StructureLoader(data, self.config.training.batch_size, self.config.max_tokens, shuffle=False,
-                               seed=0, rank=rank, world_size=world_size, random_views=False)
+    def open_split(self, split: str, resolution: int) -> MaterialData:
+        return MaterialData(self.latents_source, split, resolution, self.config.render.views)
 
     def flow_input(self, batch: Mapping[str, Any], x: torch.Tensor, t: torch.Tensor, level: torch.Tensor,
                    geometry: torch.Tensor, lift_keep: torch.Tensor | None = None) -> FlowInput:
@@ -248,15 +241,8 @@ class MaterialTask(StructureTask):
         """(materials decoded from normalised material latents on the true geometry, the true materials), both
         [V, 8] on the true voxels in the batch's voxel order, and [V] whether the voxel's sample has materials
         (real scans have none: the material terms leave them out)."""
-        vae = self.frozen["vae"]
-        res = int(batch["resolution"])
-        stats = latent_stats(self.latents_source, res)
-        B = len(batch["num_tokens"])
-        structure = subdivision(batch["voxel_coords"].to(material_latents.device), res, int(batch["compression"]), B)
-        geo, mats = decode_materials(vae, batch["coords"], denormalize(batch["geometry"], stats["geometry"]),
-                                     denormalize(material_latents, stats["material"]), B,
-                                     int(batch["latent_resolution"]), int(batch["compression"]), structure)
-        pred = mats[true_rows(geo, batch["voxel_coords"])].float()
+        stats = latent_stats(self.latents_source, int(batch["resolution"]))
+        pred = decode_on_true_geometry(self.frozen["vae"], batch, stats, material_latents)
         truth = batch["voxel_feats"].float().to(pred.device)
         has = batch["has_materials"].to(pred.device)[batch["voxel_coords"][:, 0].long().to(pred.device)]
         return pred, truth, has
@@ -265,5 +251,5 @@ class MaterialTask(StructureTask):
         return int(batch["coords"].shape[0])
 
 
-__all__ = ["MaterialData", "MaterialTask", "decode_materials", "latent_stats", "material_flow_input", "subdivision",
-           "true_rows"]
+__all__ = ["MaterialData", "MaterialTask", "decode_materials", "decode_on_true_geometry", "latent_stats",
+           "material_flow_input", "subdivision", "true_rows"]

@@ -77,15 +77,16 @@ class Generator:
 
 
 # ------------------------------------------------------------------------------------------------ sampling
-def _drops(model: StructureModel, batch_size: int, drop: frozenset[str], device: torch.device
-           ) -> dict[str, torch.Tensor] | None:
+def branch_drops(model: torch.nn.Module, batch_size: int, drop: frozenset[str], device: torch.device
+                 ) -> dict[str, torch.Tensor] | None:
+    """The `drop` argument of a model's condition encoder for one guidance branch (every sample drops the same)."""
     if not drop:
         return None
     names = model.conditions.modalities if ALL in drop else sorted(m for m in drop if m in model.conditions.modalities)
     return {m: torch.ones(batch_size, dtype=torch.bool, device=device) for m in names}
 
 
-def _guidance(sampling: SamplingConfig) -> Guidance:
+def sampling_guidance(sampling: SamplingConfig) -> Guidance:
     return Guidance(sampling.cfg_scale, dict(sampling.cfg_modality))
 
 
@@ -105,8 +106,8 @@ def generate_scenes(gen: Generator, batch: Mapping[str, Any], sampling: Sampling
     R = N // gen.compression
     B = len(batch["rgb"])
     cond_batch = {**batch, **frozen_features(gen.frozen, batch, None)}
-    guidance = _guidance(sampling)
-    conds = {d: model.encode_conditions(cond_batch, _drops(model, B, d, device)) for d in guidance.branches()}
+    guidance = sampling_guidance(sampling)
+    conds = {d: model.encode_conditions(cond_batch, branch_drops(model, B, d, device)) for d in guidance.branches()}
     g = torch.Generator(device="cpu").manual_seed(sampling.seed)
 
     # 1. Coarse occupancy of the latent grid.

@@ -81,10 +81,15 @@ class StructureStage(Stage):
 # ------------------------------------------------------------------------------------------------ weights
 def load_trained(ctx: StageContext, checkpoint: str, config: DiTStructureConfig, latent_channels: int,
                  device: torch.device | str) -> StructureModel:
+    return load_final_weights(ctx, checkpoint, StructureModel(config, latent_channels), device)
+
+
+def load_final_weights(ctx: StageContext, checkpoint: str, model: torch.nn.Module, device: torch.device | str
+                       ) -> Any:
+    """`model` with the single-file weights of the run's last checkpoint (model.safetensors), on `device`, eval."""
     from safetensors.torch import load_file
 
-    path = ctx.output.get_file(f"{checkpoint}/model.safetensors", Path(ctx.work_dir) / "structure.safetensors")
-    model = StructureModel(config, latent_channels)
+    path = ctx.output.get_file(f"{checkpoint}/model.safetensors", Path(ctx.work_dir) / "final.safetensors")
     model.load_state_dict(load_file(str(path)))
     path.unlink(missing_ok=True)
     return model.to(device).eval()

@@ -197,9 +197,13 @@ class StructureTask(TrainTask):
             frozen["vae"] = self.vae
         return frozen
 
+    def open_split(self, split: str, resolution: int) -> StructureData:
+        """One split's samples at one resolution (the material task's carry more fields)."""
+        return StructureData(self.latents_source, split, resolution)
+
     def _loader(self, split: str, resolution: int, rank: int, world_size: int, seed: int,
                 shuffle: bool) -> StructureLoader:
-        data = StructureData(self.latents_source, split, resolution)
+        data = self.open_split(split, resolution)
         return StructureLoader(data, self.config.training.batch_size, self.config.max_tokens, shuffle=shuffle,
                                seed=seed, rank=rank, world_size=world_size, random_views=shuffle,
                                max_corrupt_fraction=self.config.data.max_corrupt_fraction)
@@ -214,7 +218,7 @@ class StructureTask(TrainTask):
     def val_batches(self, rank: int, world_size: int) -> StructureLoader | None:
         split = self.config.eval.splits[0]
         try:
-            data = StructureData(self.latents_source, split, self.resolution)
+            data = self.open_split(split, self.resolution)
         except UserError:
             return None
         if len(data) == 0:
