@@ -11,6 +11,8 @@ import shutil
 import struct
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +24,7 @@ from testservers import REPO
 
 from interiorfusion_core.config import load_config
 from interiorfusion_core.contract import RunOutcome
+from interiorfusion_core.engine.trainer import cpu_threads
 from interiorfusion_core.errors import ConfigError, UserError
 from interiorfusion_core.manifest import read_manifest
 from interiorfusion_core.stage import StageInput
@@ -351,7 +354,8 @@ def test_the_stage_writes_the_trained_models_latents(vae_smoke: tuple[RunOutcome
         ds = open_latents(latents, "val", res, normalized=False)
         assert ds.data_uri == data_uri and ds.open_data().split == "val"
         for i in range(len(ds)):
-            mu = encode_sample(model, _voxels(data_uri, "val", ds[i]["index"], res))
+            with _stage_threads(config):
+                mu = encode_sample(model, _voxels(data_uri, "val", ds[i]["index"], res))
             assert torch.equal(ds[i]["feats"], mu.feats) and torch.equal(ds[i]["coords"], mu.coords[:, 1:].int())
     # Every latent file is in the manifest with its sha256, and the index names only those.
     store = open_store(outcome.uri)
@@ -360,6 +364,18 @@ def test_the_stage_writes_the_trained_models_latents(vae_smoke: tuple[RunOutcome
     for key in on_disk:
         assert store.stat(key).sha256 == manifest.artifacts[key].sha256
     assert manifest.metrics["encode_samples"] == sum(len(open_dataset(data_uri, s)) for s in SPLITS)
+
+
+@contextmanager
+def _stage_threads(config: VAEPretrainConfig) -> Iterator[None]:
+    """Encode with the stage's intra-op thread count: CPU matmuls sum in a thread-dependent order, so bit-exact
+    comparisons with what the stage wrote hold only at its count (the process-wide count is whatever ran last)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(cpu_threads(config.training.cpu_threads))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _trained(uri: str, config: VAEPretrainConfig) -> SLATInteriorVAE:
@@ -403,7 +419,8 @@ def test_two_processes_encode_the_same_latents_as_one(smoke_data: str, tmp_path:
     config = VAEPretrainConfig.model_validate(manifest.config)
     model = _trained(out.as_uri(), config)
     one = open_store(tmp_path / "one")
-    encode_dataset(one, model, smoke_data, config, work_dir=tmp_path / "work")
+    with _stage_threads(config):
+        encode_dataset(one, model, smoke_data, config, work_dir=tmp_path / "work")
     for res in (32, 64):
         for split in SPLITS:
             a = open_latents(out.as_uri(), split, res, normalized=False)
