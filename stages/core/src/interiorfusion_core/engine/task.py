@@ -46,6 +46,14 @@ class TrainTask(ABC):
     unit_name: ClassVar[str | None] = None
     # The models `frozen_models` built, ready to use (on the device, eval mode, no grad); set by the trainer.
     frozen: Mapping[str, nn.Module] = MappingProxyType({})
+    # Under ZeRO-3 with zero3_init_flag, build the model inside deepspeed.zero.Init (partitioned as created). A task
+    # whose build loads whole pretrained tensors and lets a library initialise new ones (LoRA: peft writes its
+    # zero B matrices into the tensors it made) opts out; deepspeed.initialize partitions the model afterwards.
+    partition_at_init: ClassVar[bool] = True
+
+    def prepare(self, runtime: Any) -> None:  # noqa: B027 - optional hook
+        """Called once on every rank after the runtime exists and before anything is built: collective work the
+        task's data needs first (e.g. encoding an input dataset). `runtime` is the engine's Runtime."""
 
     @abstractmethod
     def build_model(self, config: Any) -> nn.Module:

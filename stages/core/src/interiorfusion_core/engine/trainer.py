@@ -11,6 +11,7 @@ logs to ctx.tracker, and runs unchanged in one process, under DDP and under Deep
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -211,8 +212,9 @@ class Trainer:
         self.base_lr = lr0 * self.hp.lr_factor
         self.phases: list[Phase] = plan_phases(t, lr0, self.hp.lr_factor)
 
+        self.task.prepare(rt)
         seed_everything(t.seed)  # same initial weights on every rank and every world size
-        with model_init_context(rt):
+        with model_init_context(rt) if self.task.partition_at_init else contextlib.nullcontext():
             model = self.task.build_model(self.config)
         self.frozen = self._build_frozen(model)  # outside zero.Init: never partitioned, never trained
         groups = self.task.param_groups(model, self.opt_cfg.weight_decay) or param_groups(
