@@ -22,6 +22,7 @@ network's precision (the PPO ratio is exp of a difference of large sums: bf16 wo
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -80,7 +81,7 @@ def sample_sde(velocity: Velocity, x0: torch.Tensor, token_sample: torch.Tensor,
     x = x0.float()
     states, log_probs = [x], []
     full = lambda t: torch.full((batch,), t, dtype=torch.float32, device=x0.device)  # noqa: E731
-    for t, t_next in zip(ts[:-1], ts[1:], strict=True):
+    for t, t_next in itertools.pairwise(ts):
         dt = t_next - t
         v = velocity(x, full(t)).float()
         mean = sde_mean(x, v, t, dt, noise_level)
