@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from interiorfusion_data.config import SimulateSection
 from interiorfusion_data.importers import HM3DImporter, ScanNetImporter, map_label
 from interiorfusion_data.pipeline import scene_cameras
 from interiorfusion_data.procedural import ProceduralOptions, generate_scene, room_polygon_area
@@ -20,6 +21,7 @@ from interiorfusion_data.scan_layouts import (
     raw_label,
     scan_poses,
     scannet_sensor,
+    simulate_scans,
     write_hm3d_scene,
     write_scannet_scan,
 )
@@ -119,3 +121,17 @@ def test_hm3d_layout_imports_back_as_the_room(room: Scene, tmp_path: Path) -> No
                                           "render": {"views": 2, "image_size": 32}})
     for cam in scene_cameras(scene, cfg, np.random.default_rng(0)):
         assert (render(scene, cam).depth > 0).mean() > 0.99
+
+
+def test_simulated_scans_are_deterministic(tmp_path: Path) -> None:
+    sim = SimulateSection(num_scenes=1, seed=3, frames=2, color_size=(64, 48), depth_size=(40, 30),
+                          depth_noise=0.01, depth_dropout=0.1)
+    trees = []
+    for run in ("a", "b"):
+        out = simulate_scans("scannet", tmp_path / run, sim, SMALL)
+        trees.append({p.relative_to(out).as_posix(): p.read_bytes() for p in out.rglob("*") if p.is_file()})
+    assert trees[0] == trees[1] and "scene0000_00/depth/1.png" in trees[0]
+    hm3d = simulate_scans("hm3d", tmp_path / "h", SimulateSection(num_scenes=2), SMALL)
+    assert len(HM3DImporter(hm3d).items()) == 2
+    with pytest.raises(ValueError, match="no scan layout for source 'meshes'"):
+        simulate_scans("meshes", tmp_path / "m", sim, SMALL)

@@ -1,7 +1,8 @@
 """Any Scene written in a scan dataset's own on-disk layout: ScanNet's extracted scans and HM3D's habitat scenes.
 
 The files are what the real datasets ship (names, formats, frames, the label files), so the real importers
-(importers.py) read them back: scans of known rooms for tests, where no dataset is at hand.
+(importers.py) read them back; the data stage's `importer.simulate` uses this to make "InteriorFusion-Real"
+instances of simulated scans for smoke runs and tests, where no dataset is at hand.
 
 - **ScanNet** (`write_scannet_scan`): `SCENE/SCENE_vh_clean_2.ply` (the mesh in the raw scan frame, vertex
   colours), `SCENE_vh_clean_2.0.010000.segs.json` (a segment per vertex), `SCENE.aggregation.json` (objects as
@@ -29,12 +30,17 @@ import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import trimesh
 
 from interiorfusion_data.render import place_cameras, render
 from interiorfusion_data.scene import CLASSES, UNKNOWN, Camera, Scene
+
+if TYPE_CHECKING:
+    from interiorfusion_data.config import SimulateSection
+    from interiorfusion_data.procedural import ProceduralOptions
 
 # Raw category names for our classes where the datasets' annotators use another word (map_label maps them back).
 RAW_LABELS = {"sofa": "couch", "shelf": "bookshelf", "other": "object", "tv": "tv", "counter": "kitchen counter"}
@@ -274,5 +280,34 @@ def write_hm3d_scene(scene: Scene, root: Path, name: str, region: int = 0) -> Pa
     return out
 
 
+def _hm3d_hash(rng: np.random.Generator) -> str:
+    chars = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
+    return "".join(chars[int(i)] for i in rng.integers(0, len(chars), 11))
+
+
+def simulate_scans(source: str, dest: Path, sim: SimulateSection, opts: ProceduralOptions) -> Path:
+    """Write `sim.num_scenes` procedural rooms (`opts`, base seed `sim.seed`) into `dest` in the layout of
+    `source` (scannet: `sceneNNNN_00/`, frames at the generator's inside cameras, a random axis alignment; hm3d:
+    `NNNNN-HASH/`). The same arguments write the same files. Returns `dest`."""
+    from interiorfusion_data.procedural import generate_scene
+
+    dest = _fresh_dir(Path(dest))
+    for i in range(sim.num_scenes):
+        scene = generate_scene(sim.seed, i, opts)
+        # A stream separate from the room's: the capture never shifts the geometry.
+        rng = np.random.default_rng(np.random.SeedSequence([int(sim.seed), i, 3]))
+        if source == "scannet":
+            assert sim.frames and sim.color_size and sim.depth_size
+            write_scannet_scan(scene, dest, f"scene{i:04d}_00", scan_poses(scene, rng, sim.frames),
+                               color=scannet_sensor("color", *sim.color_size),
+                               depth=scannet_sensor("depth", *sim.depth_size), align=axis_alignment(rng),
+                               depth_noise=sim.depth_noise or 0.0, depth_dropout=sim.depth_dropout or 0.0, rng=rng)
+        elif source == "hm3d":
+            write_hm3d_scene(scene, dest, f"{i:05d}-{_hm3d_hash(rng)}")
+        else:
+            raise ValueError(f"no scan layout for source '{source}'")
+    return dest
+
+
 __all__ = ["RAW_LABELS", "SensorCamera", "axis_alignment", "degrade_depth", "raw_label", "scan_poses",
-           "scannet_sensor", "scene_objects", "write_hm3d_scene", "write_scannet_scan"]
+           "scannet_sensor", "scene_objects", "simulate_scans", "write_hm3d_scene", "write_scannet_scan"]
