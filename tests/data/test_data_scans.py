@@ -1,26 +1,28 @@
-"""Real scans: a ScanNet scene written here in ScanNet's extracted layout (mesh, labels, colour/depth/pose frames
-rendered from the mesh by the project's renderer at known poses, one invalid pose) imports end to end into shards
-whose views are the captured frames, and the VAE trains on them; so does an HM3D scene in habitat's layout.
+"""Real scans: a ScanNet scene written in ScanNet's extracted layout (mesh, labels, colour/depth/pose frames
+rendered from the mesh by the project's renderer at known poses, one invalid pose; scan_layouts.py writes it)
+imports end to end into shards whose views are the captured frames, and the VAE trains on them; so does an HM3D
+scene in habitat's layout.
 
-Frame sizes are small (colour 162×121, depth 80×60, each with its own intrinsics) to keep the test fast; the file
-names, formats and the separate colour/depth cameras are ScanNet's."""
+The room is a hand-made box room with a chair, so every expectation here (poses, bounds, labels, colours) is
+stated independently of the writer and the importer. Frame sizes are small (colour 162×121, depth 80×60, each
+with its own intrinsics) to keep the test fast; the file names, formats and the separate colour/depth cameras are
+ScanNet's."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import trimesh
 import yaml
-from PIL import Image
 
 from interiorfusion_data.config import DataStageConfig
 from interiorfusion_data.importers import ScanNetImporter, backproject
 from interiorfusion_data.loader import collate_scenes, open_dataset
 from interiorfusion_data.render import look_at, render
-from interiorfusion_data.scene import CLASS_ID, Camera, Scene, SceneBuilder
+from interiorfusion_data.scan_layouts import SensorCamera, write_hm3d_scene, write_scannet_scan
+from interiorfusion_data.scene import CLASS_ID, Scene, SceneBuilder
 
 ROOM = (4.0, 3.0, 2.5)
 CHAIR = ((2.8, 1.5, 0.45), (0.5, 0.5, 0.9))
@@ -54,60 +56,26 @@ def room_parts() -> list[tuple[str, np.ndarray, np.ndarray, tuple[int, int, int]
     return parts
 
 
-def write_scannet_scan(root: Path, name: str = "scene0000_00") -> Path:
-    scene = root / name
-    for sub in ("color", "depth", "pose", "intrinsic"):
-        (scene / sub).mkdir(parents=True)
-    parts = room_parts()
-    # The mesh as ScanNet stores it: raw frame, vertex colours, one segment per part.
-    inv = np.linalg.inv(ALIGN)
-    verts, faces, colors, segs, groups, base = [], [], [], [], [], 0
-    for k, (label, v, f, rgb) in enumerate(parts):
-        verts.append(v @ inv[:3, :3].T + inv[:3, 3])
-        faces.append(f + base)
-        colors.append(np.tile([*rgb, 255], (len(v), 1)))
-        segs += [100 + k] * len(v)
-        groups.append({"id": k, "objectId": k, "label": label, "segments": [100 + k]})
-        base += len(v)
-    mesh = trimesh.Trimesh(np.concatenate(verts), np.concatenate(faces), process=False)
-    mesh.visual = trimesh.visual.ColorVisuals(mesh, vertex_colors=np.concatenate(colors).astype(np.uint8))
-    mesh.export(scene / f"{name}_vh_clean_2.ply")
-    (scene / f"{name}_vh_clean_2.0.010000.segs.json").write_text(json.dumps({"segIndices": segs}))
-    (scene / f"{name}.aggregation.json").write_text(json.dumps({"segGroups": groups}))
-    (scene / f"{name}.txt").write_text(
-        f"axisAlignment = {' '.join(f'{v:.12g}' for v in ALIGN.ravel())}\n"
-        f"colorHeight = {COLOR[1]}\ncolorWidth = {COLOR[0]}\ndepthHeight = {DEPTH[1]}\ndepthWidth = {DEPTH[0]}\n")
-    for which, (_, _, K) in (("color", COLOR), ("depth", DEPTH)):
-        K4 = np.eye(4)
-        K4[:3, :3] = K
-        np.savetxt(scene / "intrinsic" / f"intrinsic_{which}.txt", K4)
-    truth = truth_scene()
-    for i in range(7):
-        if i not in POSES:
-            np.savetxt(scene / "pose" / f"{i}.txt", np.full((4, 4), -np.inf))
-            pose = look_at(np.array([2.0, 1.5, 1.4]), np.array([4.0, 1.5, 1.4]))
-        else:
-            pose = look_at(np.array(POSES[i][0]), np.array(POSES[i][1]))
-            np.savetxt(scene / "pose" / f"{i}.txt", inv @ pose)  # poses are stored in the raw frame
-        col = render(truth, Camera(COLOR[2], pose, COLOR[0], COLOR[1]))
-        Image.fromarray(col.rgb).save(scene / "color" / f"{i}.jpg", quality=95)
-        dep = render(truth, Camera(DEPTH[2], pose, DEPTH[0], DEPTH[1]))
-        Image.fromarray(np.round(dep.depth * 1000).astype(np.uint16)).save(scene / "depth" / f"{i}.png")
-    return scene
+def truth_scene() -> Scene:
+    """The room as a Scene: part k is instance k + 1."""
+    sb = SceneBuilder("truth")
+    for k, (label, v, f, rgb) in enumerate(room_parts()):
+        sb.add(v, f, label, k + 1, np.tile([*(np.array(rgb) / 255), 0.0, 0.8], (len(f), 1)))
+    return sb.build()
+
+
+def write_test_scan(root: Path, name: str = "scene0000_00") -> Path:
+    """The room as a ScanNet scan: frames 0–6 at POSES (frame 3's pose lost), stored in the raw frame of ALIGN."""
+    poses = [look_at(np.array(POSES[i][0]), np.array(POSES[i][1])) if i in POSES else None for i in range(7)]
+    return write_scannet_scan(truth_scene(), root, name, poses, color=SensorCamera(*COLOR),
+                              depth=SensorCamera(*DEPTH), align=ALIGN)
 
 
 @pytest.fixture(scope="module")
 def scan_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("scannet")
-    write_scannet_scan(root)
+    write_test_scan(root)
     return root
-
-
-def truth_scene() -> Scene:
-    sb = SceneBuilder("truth")
-    for k, (label, v, f, rgb) in enumerate(room_parts()):
-        sb.add(v, f, label, k + 1, np.tile([*(np.array(rgb) / 255), 0.0, 0.8], (len(f), 1)))
-    return sb.build()
 
 
 def test_scannet_frames_are_the_covering_valid_views(scan_root: Path) -> None:
@@ -156,15 +124,8 @@ def test_scannet_scan_to_shards_and_vae(tmp_path: Path, monkeypatch: pytest.Monk
     monkeypatch.setenv("INTERIORFUSION_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     root = tmp_path / "scans"
-    first = write_scannet_scan(root, "scene0000_00")
-    for name in ("scene0001_00", "scene0002_00"):  # three scans: one per split
-        dest = root / name
-        dest.mkdir()
-        for f in first.rglob("*"):
-            if f.is_file():
-                target = dest / f.relative_to(first).as_posix().replace("scene0000_00", name)
-                target.parent.mkdir(parents=True, exist_ok=True)
-                target.write_bytes(f.read_bytes())
+    for name in ("scene0000_00", "scene0001_00", "scene0002_00"):  # three scans: one per split
+        write_test_scan(root, name)
     cfg_path = tmp_path / "data.yaml"
     cfg_path.write_text(yaml.safe_dump(scannet_data_config(root)))
     DataStageConfig.model_validate(yaml.safe_load(cfg_path.read_text()))
@@ -209,33 +170,9 @@ def train_vae_briefly(data_uri: str, tmp_path: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- HM3D
-def z_up_to_y_up(v: np.ndarray) -> np.ndarray:
-    return np.stack([v[:, 0], v[:, 2], -v[:, 1]], axis=1)
-
-
 def write_hm3d(root: Path, name: str = "00800-TEEsavR23oF") -> Path:
-    """Habitat's HM3D layout: `SCENE/HASH.basis.glb`, `HASH.semantic.glb` (object ids as vertex colours),
-    `HASH.semantic.txt` (`id,hex,"name",region`); y-up glTF."""
-    scene = root / name
-    scene.mkdir(parents=True)
-    stem = name.split("-", 1)[1]
-    parts = room_parts()
-    hexes = [f"{0x102030 + 0x050911 * k:06X}" for k in range(len(parts))]
-    verts, faces, colors, codes, base = [], [], [], [], 0
-    for k, (_, v, f, rgb) in enumerate(parts):
-        verts.append(z_up_to_y_up(v))
-        faces.append(f + base)
-        colors.append(np.tile([*rgb, 255], (len(v), 1)))
-        h = int(hexes[k], 16)
-        codes.append(np.tile([h >> 16, (h >> 8) & 255, h & 255, 255], (len(v), 1)))
-        base += len(v)
-    for path, vc in ((scene / f"{stem}.basis.glb", colors), (scene / f"{stem}.semantic.glb", codes)):
-        mesh = trimesh.Trimesh(np.concatenate(verts), np.concatenate(faces), process=False)
-        mesh.visual = trimesh.visual.ColorVisuals(mesh, vertex_colors=np.concatenate(vc).astype(np.uint8))
-        mesh.export(path)
-    rows = [f'{k + 1},{hexes[k]},"{label}",{k % 2}' for k, (label, *_) in enumerate(parts)]
-    (scene / f"{stem}.semantic.txt").write_text("HM3D Semantic Annotations\n" + "\n".join(rows) + "\n")
-    return scene
+    """The room in habitat's HM3D layout: `SCENE/HASH.basis.glb`, `HASH.semantic.glb`, `HASH.semantic.txt`."""
+    return write_hm3d_scene(truth_scene(), root, name)
 
 
 def test_hm3d_scene_labels_and_inside_cameras(tmp_path: Path) -> None:

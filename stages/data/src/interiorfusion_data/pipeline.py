@@ -11,7 +11,7 @@ import math
 import multiprocessing
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -100,11 +100,12 @@ def build_sample(scene: Scene, cfg: DataStageConfig, index: int) -> EncodedSampl
 
 
 # ---------------------------------------------------------------------------------------------- sources
-class SceneSource:
-    """Numbered scenes: procedural (index → seed) or an importer's sorted item list."""
+class SourcePart:
+    """One source's scenes: procedural (index → seed) or an importer's sorted item list. `cfg` is that source's
+    single-source config; `start` its first index in the dataset; `prefix` starts its sample keys (multi-source)."""
 
-    def __init__(self, cfg: DataStageConfig, import_root: Path | None = None):
-        self.cfg = cfg
+    def __init__(self, cfg: DataStageConfig, import_root: Path | None, start: int = 0, prefix: str | None = None):
+        self.cfg, self.start, self.prefix = cfg, start, prefix
         self.importer = None
         if cfg.source == "procedural":
             self.count = cfg.num_scenes or 0
@@ -118,19 +119,69 @@ class SceneSource:
             self.items = self.importer.items()
             self.count = len(self.items) if cfg.num_scenes is None else min(len(self.items), cfg.num_scenes)
 
-    def scene(self, index: int) -> Scene:
+    @property
+    def simulated(self) -> bool:
+        return self.cfg.importer.simulate is not None
+
+    def scene(self, local: int) -> Scene:
         if self.importer is None:
-            return generate_scene(self.cfg.seed, index, self.opts)
-        scene = self.importer.load(self.items[index])
-        # Imported names can repeat (same stem, other extension): the index makes the sample key unique.
-        scene.name = f"{scene.name}-{index:06d}"
+            scene = generate_scene(self.cfg.seed, local, self.opts)
+        else:
+            scene = self.importer.load(self.items[local])
+            # Imported names can repeat (same stem, other extension): the index makes the sample key unique.
+            scene.name = f"{scene.name}-{local:06d}"
+            if self.simulated:
+                scene.meta["simulated"] = True
+        if self.prefix:
+            scene.name = f"{self.prefix}-{scene.name}"
         return scene
 
 
-def resolve_import_root(cfg: DataStageConfig, work_dir: Path) -> Path | None:
-    """A local folder for the importer: the path itself, or a copy of an s3:// / file:// prefix."""
+class SceneSource:
+    """Numbered scenes of the dataset: those of its one source, or of every `sources` entry in order (entry k's
+    scenes follow entry k − 1's; their keys start with the entry's source)."""
+
+    def __init__(self, cfg: DataStageConfig, import_roots: Sequence[Path | None] | Path | None = None):
+        self.cfg = cfg
+        parts = cfg.source_parts()
+        roots = list(import_roots) if isinstance(import_roots, list | tuple) else [import_roots] * len(parts)
+        if len(roots) != len(parts):
+            raise ValueError(f"{len(roots)} import roots for {len(parts)} sources")
+        self.parts: list[SourcePart] = []
+        start = 0
+        for (prefix, part_cfg), root in zip(parts, roots, strict=True):
+            self.parts.append(SourcePart(part_cfg, root, start, prefix))
+            start += self.parts[-1].count
+        self.count = start
+
+    def part(self, index: int) -> SourcePart:
+        if not 0 <= index < self.count:
+            raise IndexError(f"scene {index} of {self.count}")
+        return next(p for p in reversed(self.parts) if p.start <= index)
+
+    def config(self, index: int) -> DataStageConfig:
+        """The single-source config scene `index` is built with (its source's)."""
+        return self.part(index).cfg
+
+    def scene(self, index: int) -> Scene:
+        part = self.part(index)
+        return part.scene(index - part.start)
+
+
+def resolve_import_root(cfg: DataStageConfig, work_dir: Path, tag: str | None = None) -> Path | None:
+    """A local folder for a single-source config's importer: the path itself, a copy of an s3:// / file://
+    prefix, or (`importer.simulate`) the scans simulated into `work_dir`. `tag` names its work-dir folders."""
     if cfg.source == "procedural":
         return None
+    sim = cfg.importer.simulate
+    if sim is not None:
+        from interiorfusion_data.scan_layouts import simulate_scans
+
+        t0 = time.perf_counter()
+        dest = simulate_scans(cfg.source, work_dir / ("simulated" if tag is None else f"simulated-{tag}"), sim,
+                              procedural_options(cfg))
+        log.info("simulated %d %s scans in %.1f s", sim.num_scenes, cfg.source, time.perf_counter() - t0)
+        return dest
     path = str(cfg.importer.path)
     if "://" not in path:
         p = Path(path).expanduser()
@@ -138,7 +189,7 @@ def resolve_import_root(cfg: DataStageConfig, work_dir: Path) -> Path | None:
             raise UserError(f"importer.path: {path} does not exist")
         return p
     store = open_store(path)
-    dest = work_dir / "import"
+    dest = work_dir / ("import" if tag is None else f"import-{tag}")
     keys = list(store.list())
     if not keys:
         raise UserError(f"importer.path: {path} holds no files")
@@ -147,21 +198,29 @@ def resolve_import_root(cfg: DataStageConfig, work_dir: Path) -> Path | None:
     return dest
 
 
+def resolve_import_roots(cfg: DataStageConfig, work_dir: Path) -> list[Path | None]:
+    """Each source's local import folder (None for procedural), in `source_parts` order."""
+    parts = cfg.source_parts()
+    return [resolve_import_root(part, work_dir, None if len(parts) == 1 else f"{k}-{part.source}")
+            for k, (_, part) in enumerate(parts)]
+
+
 # Worker-process state: one source per process (importers parse their listing once).
 _WORKER: dict[str, Any] = {}
 
 
-def _init_worker(cfg_json: dict[str, Any], import_root: str | None) -> None:
+def _init_worker(cfg_json: dict[str, Any], import_roots: list[str | None]) -> None:
     cfg = DataStageConfig.model_validate(cfg_json)
     _WORKER["cfg"] = cfg
-    _WORKER["source"] = SceneSource(cfg, Path(import_root) if import_root else None)
+    _WORKER["source"] = SceneSource(cfg, [Path(r) if r else None for r in import_roots])
 
 
 def _build_in_worker(index: int) -> EncodedSample:
     t0 = time.perf_counter()
-    scene = _WORKER["source"].scene(index)
+    source: SceneSource = _WORKER["source"]
+    scene = source.scene(index)
     t1 = time.perf_counter()
-    sample = build_sample(scene, _WORKER["cfg"], index)
+    sample = build_sample(scene, source.config(index), index)
     sample.stats["t_generate"] = t1 - t0
     return sample
 
@@ -216,16 +275,19 @@ class WriteSummary:
     timings: dict[str, float] = field(default_factory=dict)
 
 
-def build_samples(cfg: DataStageConfig, import_root: Path | None, indices: list[int]) -> Iterator[EncodedSample]:
-    """Samples for `indices`, in order; in worker processes when cfg.num_workers > 1."""
+def build_samples(cfg: DataStageConfig, import_roots: Sequence[Path | None], indices: list[int]
+                  ) -> Iterator[EncodedSample]:
+    """Samples for `indices`, in order; in worker processes when cfg.num_workers > 1. `import_roots`: one per
+    source (resolve_import_roots)."""
+    roots = [str(r) if r else None for r in import_roots]
     if cfg.num_workers <= 1:
-        _init_worker(cfg.model_dump(mode="json"), str(import_root) if import_root else None)
+        _init_worker(cfg.model_dump(mode="json"), roots)
         for i in indices:
             yield _build_in_worker(i)
         return
     ctx = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(cfg.num_workers, mp_context=ctx, initializer=_init_worker,
-                             initargs=(cfg.model_dump(mode="json"), str(import_root) if import_root else None)) as ex:
+                             initargs=(cfg.model_dump(mode="json"), roots)) as ex:
         # In order, with a bounded window: Executor.map would submit everything at once and could hold
         # thousands of finished samples (tens of MB each at 1024³) in memory behind one slow scene.
         window = 2 * cfg.num_workers
@@ -252,8 +314,8 @@ def write_dataset(
     on_shard: Callable[[ShardPlan, dict[str, Any], dict[str, float]], None] | None = None,
 ) -> WriteSummary:
     """Build and write every shard and `dataset.json` (last) under `store`."""
-    import_root = resolve_import_root(cfg, work_dir)
-    source = SceneSource(cfg, import_root)
+    import_roots = resolve_import_roots(cfg, work_dir)
+    source = SceneSource(cfg, import_roots)
     if source.count == 0:
         raise UserError("the data source yielded no scenes")
     plans = plan_shards(source.count, cfg)
@@ -278,7 +340,7 @@ def write_dataset(
                 continue
         todo.append(plan)
     flat = [i for p in todo for i in p.indices]
-    stream = build_samples(cfg, import_root, flat)
+    stream = build_samples(cfg, import_roots, flat)
     # Progress on stderr (shown on a terminal, silent in logs and tests).
     progress = tqdm(total=len(flat), desc="data: scenes", unit="scene", disable=None, leave=False)
     for plan in todo:
@@ -310,7 +372,10 @@ def write_dataset(
         splits[plan.split]["shards"].append(entry)
         splits[plan.split]["num_samples"] += entry["num_samples"]
     dataset = {
-        "format": DATASET_FORMAT, "name": cfg.dataset, "source": cfg.source, "seed": cfg.seed,
+        "format": DATASET_FORMAT, "name": cfg.dataset, "source": "+".join(p.cfg.source for p in source.parts),
+        "sources": [{"source": p.cfg.source, "key_prefix": p.prefix, "num_scenes": p.count, "simulated": p.simulated}
+                    for p in source.parts],
+        "seed": cfg.seed,
         "classes": list(CLASSES), "channels": list(CHANNELS), "resolutions": cfg.voxel.resolutions,
         "views": cfg.render.views, "image_size": cfg.render.image_size, "splits": splits,
     }
@@ -323,6 +388,8 @@ def write_dataset(
         "test_samples": float(splits["test"]["num_samples"]),
         "bytes_total": float(sum(s["size"] for sp in splits.values() for s in sp["shards"])),
     }
+    for p in source.parts:
+        metrics[f"scenes_{p.cfg.source}"] = metrics.get(f"scenes_{p.cfg.source}", 0.0) + p.count
     if n_built:
         metrics["seconds_per_scene"] = (time.perf_counter() - t_start) / n_built
         for k, v in totals.items():
