@@ -20,6 +20,7 @@ from interiorfusion_core.config.base import (
     NonNegativeFloat,
     PositiveFloat,
     PositiveInt,
+    Probability,
     StageSpec,
     Strict,
     TrainableStageConfig,
@@ -71,18 +72,53 @@ class RLRewardWeights(Strict):
         return self
 
 
+class RLRewardParams(Strict):
+    """How the geometric rewards (interiorfusion_finetune.rewards, docs/finetune-rewards.md) measure: each error
+    becomes a reward exp(-error / scale) in [0, 1], so a scale is the error that scores 1/e ≈ 0.37."""
+
+    # Rewards render and compare at this longer image side (the condition depth is resampled to it, nearest):
+    # the cost of the render and of the point clouds grows with its square.
+    render_size: PositiveInt = 128
+    depth_scale_m: PositiveFloat = 0.1  # mean |depth error| over pixels valid in both
+    # Weight of pixels where only the generated scene has depth (the condition has none) in the coverage term;
+    # scans have sensor holes where a correct scene does have a surface: lower it for them.
+    depth_render_only_weight: Probability = 1.0
+    chamfer_scale_m: PositiveFloat = 0.1  # symmetric Chamfer (mean of both directions' mean distances)
+    max_points: PositiveInt = 8192  # per point cloud, an even subset beyond that (Chamfer, ICP)
+    pose_rotation_scale_deg: PositiveFloat = 5.0
+    pose_translation_scale_m: PositiveFloat = 0.1
+    icp_iterations: PositiveInt = 30  # the geometric pose estimator's point-to-plane ICP
+    # ICP pairs farther apart than this are outliers (a part of the room one view has and the other lacks).
+    icp_max_pair_m: PositiveFloat = 0.5
+    # Grows the edited region on every side (a generated edit may spill a little beyond the object's boxes).
+    edit_margin_m: NonNegativeFloat = 0.0
+
+
 class RLConfig(Strict):
     algorithm: Literal["GRPO"] = "GRPO"
     group_size: int = Field(default=8, ge=2)  # advantages are normalised within a group: 1 sample has none
     reward_weights: RLRewardWeights = Field(default_factory=RLRewardWeights)
+    reward_params: RLRewardParams = Field(default_factory=RLRewardParams)
+    # pose_stability's estimator: "geometric" (ICP of the rendered depth onto the condition depth, CPU only) or
+    # "vggt" (the `vggt` package and the rl.vggt_model weights). Whether vggt can be loaded is checked when the
+    # reward model is built, not here: a config is validated on machines that will not train it.
+    pose_estimator: Literal["geometric", "vggt"] = "geometric"
     vggt_model: str = "facebook/VGGT-1B"
-    vggt_random_init: bool = False
+    vggt_random_init: bool = False  # tests only: VGGT with random weights (its poses mean nothing)
     # PPO's ratio clip: the ratio is kept within [1 − clip_range, 1 + clip_range].
     clip_range: float = Field(default=1.0e-4, gt=0, lt=1)
     # Flow-GRPO's SDE noise level a in σ_t = a·sqrt(...); 0 would be the deterministic ODE (no log-probability).
     sde_noise_level: float = Field(default=0.7, gt=0, le=2)
     sampling_steps: int = Field(default=10, ge=2)
     advantage_std: Literal["group", "batch"] = "group"
+
+    @model_validator(mode="after")
+    def _vggt_options(self) -> RLConfig:
+        # Random VGGT weights only make sense where VGGT is used; elsewhere the flag is a mistake, not a no-op.
+        if self.vggt_random_init and self.pose_estimator != "vggt":
+            raise ValueError("rl.vggt_random_init is true but rl.pose_estimator is not vggt; drop it or set "
+                             "rl.pose_estimator: vggt")
+        return self
 
     @property
     def resolved_vggt_model(self) -> str:
@@ -119,4 +155,4 @@ class RLFinetuneConfig(TrainableStageConfig):
     )
 
 
-__all__ = ["FinetuneLoRAConfig", "LoRAConfig", "RLConfig", "RLFinetuneConfig", "RLTrainingConfig"]
+__all__ = ["FinetuneLoRAConfig", "LoRAConfig", "RLConfig", "RLFinetuneConfig", "RLRewardParams", "RLTrainingConfig"]
