@@ -199,9 +199,14 @@ class Package:
     module: str  # import name, e.g. interiorfusion_data
     requires: list[str]  # third-party requirement strings (markers kept)
     project_deps: list[str] = field(default_factory=list)  # canonical names of project packages it needs
-    # Registers a runnable stage (`interiorfusion.stages` entry point): only those get an image. A package that
-    # so far holds only a config schema (`interiorfusion.configs`) is a dependency, not an image.
-    runs_stage: bool = False
+    # The stages it registers (`interiorfusion.stages` entry points): each gets an image. A package that holds
+    # only a config schema (`interiorfusion.configs`) is a dependency, not an image; one that registers several
+    # (finetune: lora, grpo) gives each its own image of the same package.
+    stages: list[str] = field(default_factory=list)
+
+    @property
+    def runs_stage(self) -> bool:
+        return bool(self.stages)
 
     @property
     def short(self) -> str:
@@ -217,13 +222,13 @@ def discover_packages() -> dict[str, Package]:
         meta = tomllib.loads(pyproject.read_text())["project"]
         if "dependencies" in meta.get("dynamic", []):
             raise BuildFailure(f"{pyproject}: dynamic dependencies are not supported by the image build")
-        runs_stage = bool(meta.get("entry-points", {}).get("interiorfusion.stages"))
-        raw[canonical(meta["name"])] = (pyproject.parent, list(meta.get("dependencies", [])), runs_stage)
+        stages = sorted(meta.get("entry-points", {}).get("interiorfusion.stages", {}))
+        raw[canonical(meta["name"])] = (pyproject.parent, list(meta.get("dependencies", [])), stages)
     packages = {}
-    for name, (path, reqs, runs_stage) in raw.items():
+    for name, (path, reqs, stages) in raw.items():
         third_party = [r for r in reqs if requirement_name(r) not in raw]
         project = [requirement_name(r) for r in reqs if requirement_name(r) in raw]
-        packages[name] = Package(name, path, name.replace("-", "_"), third_party, project, runs_stage)
+        packages[name] = Package(name, path, name.replace("-", "_"), third_party, project, stages)
     return packages
 
 
@@ -482,7 +487,7 @@ class Builder:
         are not being built (a data image must not fail for the material stage's sake); when one of them is
         being built, the build stops with one sentence saying which wheel is missing and the ways out.
         """
-        wanting = [s for s in known if self.needs_torchvision(closure_of(self.packages, [f"interiorfusion-{s}"]))]
+        wanting = [s for s in known if self.needs_torchvision(closure_of(self.packages, [self.package_of(s)]))]
         if not wanting:
             return known
         if self.torchvision_pin is not None and self.torchvision_obtainable():
@@ -707,12 +712,18 @@ class Builder:
             run(cmd, env=self.env)
             st.note = "built"
 
+    # ---- stages → packages
+    def stage_packages(self) -> dict[str, str]:
+        """Every stage name registered by a package under stages/ → that package's canonical name."""
+        return {s: p.name for p in self.packages.values() if p.path.parent.name == "stages" for s in p.stages}
+
+    def package_of(self, stage: str) -> str:
+        return self.stage_packages()[stage]
+
     # ---- everything
     def main(self) -> int:
         args = self.args
-        known = sorted(
-            p.short for p in self.packages.values() if p.path.parent.name == "stages" and p.runs_stage
-        )
+        known = sorted(self.stage_packages())
         stages = known if args.stages in (None, "all") else [s for s in args.stages.split(",") if s]
         unknown = [s for s in stages if s not in known]
         if unknown:
@@ -720,8 +731,8 @@ class Builder:
         core = "interiorfusion-core"
         if core not in self.packages:
             raise BuildFailure("stages/core/pyproject.toml is missing")
-        per_stage = {s: closure_of(self.packages, [f"interiorfusion-{s}"]) for s in stages}
-        needed = closure_of(self.packages, [core, *[f"interiorfusion-{s}" for s in stages]])
+        per_stage = {s: closure_of(self.packages, [self.package_of(s)]) for s in stages}
+        needed = closure_of(self.packages, [core, *[self.package_of(s) for s in stages]])
 
         no_pair = [s for s in stages if self.needs_torchvision(per_stage[s]) and self.torchvision_pin is None]
         if no_pair:
@@ -738,7 +749,7 @@ class Builder:
         if not args.online:
             # One resolution over every image's requirements: base and stages agree on shared versions.
             in_wheelhouse = self.wheelhouse_stages(known, stages)
-            all_stage_pkgs = closure_of(self.packages, [f"interiorfusion-{s}" for s in in_wheelhouse] + [core])
+            all_stage_pkgs = closure_of(self.packages, [self.package_of(s) for s in in_wheelhouse] + [core])
             self.ensure_wheelhouse([args.torch_spec, *self.third_party(all_stage_pkgs)])
         with self.timer.step("contexts"):
             base_ctx, base_files = self.base_context(wheels[core], core_reqs)
@@ -764,7 +775,8 @@ class Builder:
                 image=f"{args.prefix}/{s}:{args.tag}",
                 dockerfile=own if own.exists() else CONTAINERS / "stage" / "Dockerfile",
                 ctx=stage_ctx[s],
-                buildargs={"BASE": base_tag, "STAGE": s, **common},
+                buildargs={"BASE": base_tag, "STAGE": s, "PACKAGE": self.packages[self.package_of(s)].short,
+                           **common},
                 parent=base_tag,
                 step=f"image {s}",
             )

@@ -1,7 +1,7 @@
 """Stage outputs several test packages share, each made once per test session: the smoke data (seconds), one trained
-smoke VAE (about two minutes on two cores), one structure stage trained on its latents and one material stage on
-both. Registered as a pytest plugin by tests/conftest.py so tests/vae, tests/structure and tests/material use the
-same runs."""
+smoke VAE (about two minutes on two cores), one structure stage trained on its latents, one material stage on
+both, the smoke real scans, one LoRA stage on them and one GRPO stage. Registered as a pytest plugin by
+tests/conftest.py so every test package uses the same runs."""
 
 from __future__ import annotations
 
@@ -43,3 +43,28 @@ def material_smoke(vae_smoke: tuple[RunOutcome, str], structure_smoke: RunOutcom
     return run_stage("material", REPO / "configs/smoke/material.yaml",
                      inputs={"latents": vae_smoke[0].uri, "structure": structure_smoke.uri},
                      output=(root / "material").as_uri())
+
+
+@pytest.fixture(scope="session")
+def real_smoke_data(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """URI of the smoke real scans (configs/smoke/real.yaml: simulated ScanNet and HM3D scans, imported)."""
+    root = tmp_path_factory.mktemp("real-smoke-data")
+    return run_stage("data", REPO / "configs/smoke/real.yaml", output=(root / "real").as_uri()).uri
+
+
+@pytest.fixture(scope="session")
+def lora_smoke(structure_smoke: RunOutcome, real_smoke_data: str, tmp_path_factory: pytest.TempPathFactory
+               ) -> RunOutcome:
+    """The smoke LoRA stage: `structure_smoke` tuned on `real_smoke_data`."""
+    root = tmp_path_factory.mktemp("lora-smoke")
+    return run_stage("lora", REPO / "configs/smoke/lora.yaml",
+                     inputs={"structure": structure_smoke.uri, "data": real_smoke_data},
+                     output=(root / "lora").as_uri())
+
+
+@pytest.fixture(scope="session")
+def grpo_smoke(structure_smoke: RunOutcome, tmp_path_factory: pytest.TempPathFactory) -> RunOutcome:
+    """The smoke GRPO stage on `structure_smoke` (its own training rooms' condition views as prompts)."""
+    root = tmp_path_factory.mktemp("grpo-smoke")
+    return run_stage("grpo", REPO / "configs/smoke/grpo.yaml", inputs={"structure": structure_smoke.uri},
+                     output=(root / "grpo").as_uri())

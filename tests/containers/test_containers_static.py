@@ -120,6 +120,26 @@ def test_build_discovers_packages_and_project_dependencies():
     ]
 
 
+def test_each_registered_stage_gets_an_image_of_its_package(tmp_path):
+    """finetune registers lora (and later grpo): its image is interiorfusion/lora, built from the finetune package
+    and started as `python -m interiorfusion_finetune` with INTERIORFUSION_STAGE=lora."""
+    build = load_build_module()
+    args = build.parse_args(["--docker", "true", "--wheelhouse", str(tmp_path / "wh"),
+                             "--cache-dir", str(tmp_path / "cache")])
+    builder = build.Builder(args)
+    stages = builder.stage_packages()
+    assert stages["lora"] == "interiorfusion-finetune" and stages["data"] == "interiorfusion-data"
+    assert "finetune" not in stages  # a package name is not a stage
+    assert "lora" in build.discover_packages()["interiorfusion-finetune"].stages
+    dockerfile = (REPO / "containers" / "stage" / "Dockerfile").read_text()
+    assert "ARG PACKAGE=${STAGE}" in dockerfile
+    assert 'python -m \\"interiorfusion_${INTERIORFUSION_PACKAGE}' in dockerfile
+    env = {**os.environ, "INTERIORFUSION_STAGE": "lora"}
+    run = subprocess.run([sys.executable, "-m", "interiorfusion_finetune", "--help"], env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert run.returncode == 0 and "lora" in run.stdout, run.stderr[-2000:]
+
+
 def test_build_closure_orders_dependencies_first_and_rejects_cycles():
     build = load_build_module()
     P = build.Package

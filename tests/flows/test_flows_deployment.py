@@ -56,7 +56,7 @@ def test_deployment_run_with_a_process_worker(prefect_server, mlflow_env, s3_env
         pipeline = _smoke_pipeline(tmp_path, s3_env)
         started = time.monotonic()
         res = _run([str(BIN / "prefect"), "deployment", "run", "interiorfusion-pipeline/smoke",
-                    "--param", f"config={pipeline}", "--watch", "--watch-timeout", "900"], env, timeout=960)
+                    "--param", f"config={pipeline}", "--watch", "--watch-timeout", "1500"], env, timeout=1560)
         print(f"deployment run took {time.monotonic() - started:.1f} s")
         assert "Completed" in res.stdout, res.stdout[-2000:] + worker_log.read_text()[-3000:]
         first = open_store(s3_env).child("pipelines/deployed").get_json("runs/latest.json")

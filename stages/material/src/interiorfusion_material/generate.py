@@ -26,7 +26,7 @@ from interiorfusion_material.config import DiTMaterialConfig, MaterialSamplingCo
 from interiorfusion_material.model import MaterialModel
 from interiorfusion_material.task import decode_materials, denormalize, latent_stats, material_flow_input
 from interiorfusion_structure.flow import ALL, guided, sample_ode
-from interiorfusion_structure.generate import branch_drops, sampling_guidance
+from interiorfusion_structure.generate import branch_drops, sampling_guidance, structure_instance
 
 GENERATION_FORMAT = "interiorfusion.material-generation/1"
 
@@ -151,10 +151,10 @@ def resolve_stage_uri(source: str, stage: str) -> str | None:
     store = open_store(source)
     if store.exists("manifest.json"):
         manifest = read_manifest(store)
-        if manifest.stage == stage:
-            return store.uri
-        if manifest.stage == "material" and stage == "structure":
-            return manifest.inputs["structure"].uri
+        if manifest.stage == stage or (stage == "structure" and "structure_weights" in manifest.outputs):
+            return store.uri  # a structure output, or a fine-tuned one (LoRA, GRPO)
+        if stage in manifest.inputs:  # material → its structure; a fine-tune → its material
+            return manifest.inputs[stage].uri
         return None
     if store.exists("runs/latest.json"):
         return _from_record(store.get_json("runs/latest.json"), stage)
@@ -162,6 +162,9 @@ def resolve_stage_uri(source: str, stage: str) -> str | None:
 
 
 def _from_record(record: Mapping[str, Any], stage: str) -> str | None:
+    if stage == "structure":  # the most tuned structure model of the run
+        name = structure_instance(record)
+        return str(record["stages"][name]) if name else None
     names = [n for n, s in record.get("instances", {}).items() if s == stage]
     return str(record["stages"][names[-1]]) if names else None
 

@@ -330,12 +330,26 @@ def resolve_structure_uri(source: str) -> str:
     raise UserError(f"{source}: neither a stage output (no manifest.json) nor a pipeline (no runs/latest.json)")
 
 
-def _structure_from_record(record: Mapping[str, Any], where: str) -> str:
+# Stages whose outputs hold structure weights, the most tuned first: a pipeline run generates with the last of them.
+STRUCTURE_SOURCES = ("grpo", "lora", "structure")
+
+
+def structure_instance(record: Mapping[str, Any]) -> str | None:
+    """The instance of a pipeline run record whose output generation uses: its most tuned structure model."""
     instances = record.get("instances", {})
-    names = [n for n, stage in instances.items() if stage == "structure"]
-    if not names:
-        raise UserError(f"{where}: this pipeline run has no structure stage (instances: {', '.join(instances)})")
-    return str(record["stages"][names[-1]])
+    for stage in STRUCTURE_SOURCES:
+        names = [n for n, s in instances.items() if s == stage]
+        if names:
+            return names[-1]
+    return None
+
+
+def _structure_from_record(record: Mapping[str, Any], where: str) -> str:
+    name = structure_instance(record)
+    if name is None:
+        raise UserError(f"{where}: this pipeline run has no structure stage (instances: "
+                        f"{', '.join(record.get('instances', {}))})")
+    return str(record["stages"][name])
 
 
 def load_generator(source: str, device: torch.device | str = "cpu", work_dir: Path | None = None) -> Generator:
@@ -352,7 +366,7 @@ def load_generator(source: str, device: torch.device | str = "cpu", work_dir: Pa
     store = open_store(uri)
     manifest = read_manifest(store)
     if manifest.stage != "structure":
-        raise UserError(f"{uri}: is an output of stage '{manifest.stage}', not of the structure stage")
+        return _tuned_generator(uri, manifest, device, work_dir)
     config = DiTStructureConfig.model_validate(manifest.config)
     latents_uri = manifest.inputs["latents"].uri
     vae = load_vae_output(latents_uri, device)
@@ -372,6 +386,29 @@ def load_generator(source: str, device: torch.device | str = "cpu", work_dir: Pa
         m.requires_grad_(False).eval().to(device)
     return Generator(model.to(device).eval(), vae, frozen, config, stats, int(info["compression"]),
                      int(info["resolution"]), info)
+
+
+def _tuned_generator(uri: str, manifest: Any, device: torch.device | str, work_dir: Path | None) -> Generator:
+    """A fine-tuning stage's output (LoRA, GRPO): its base structure generator with the tuned weights it wrote
+    (`outputs.structure_weights`: the base class's state dict, adapters merged)."""
+    import tempfile
+
+    from safetensors.torch import load_file
+
+    if "structure" not in manifest.inputs:
+        raise UserError(f"{uri}: is an output of stage '{manifest.stage}', not of the structure stage")
+    key = manifest.outputs.get("structure_weights")
+    if key is None:
+        raise UserError(f"{uri}: this {manifest.stage} run wrote no merged structure weights (lora.merge was false); "
+                        "rerun it with lora.merge: true, or load its adapters with peft")
+    gen = load_generator(manifest.inputs["structure"].uri, device, work_dir)
+    with tempfile.TemporaryDirectory(prefix="interiorfusion-generate-") as tmp:
+        local = open_store(uri).get_file(key, Path(work_dir or tmp) / "tuned-structure.safetensors",
+                                         manifest.artifacts[key].sha256)
+        gen.model.load_state_dict(load_file(str(local)))
+    gen.model.to(device).eval()
+    gen.defaults = {**gen.defaults, "tuned": {"stage": manifest.stage, "uri": uri}}
+    return gen
 
 
 def generation_info(config: DiTStructureConfig, latent_channels: int, compression: int, resolutions: Sequence[int],

@@ -140,13 +140,16 @@ class StructureLoader:
 class SampleNoise:
     """Noise and timesteps drawn per sample from (seed, step, the sample's data index, stream): a sample gets the
     same draws whichever rank or micro-batch it lands in, so 2 ranks reproduce 1 process accumulating 2 micro-batches
-    (and a resumed run the same draws). Validation uses step −1: the same noise at every validation."""
+    (and a resumed run the same draws). Validation uses step −1: the same noise at every validation; `draw` > 0
+    gives further fixed draws of it (held-out reports average several)."""
 
-    def __init__(self, seed: int, step: int, indices: torch.Tensor):
+    def __init__(self, seed: int, step: int, indices: torch.Tensor, draw: int = 0):
         self.seed, self.step, self.indices = seed, step, [int(i) for i in indices.tolist()]
+        self.draw = draw
 
     def _gen(self, i: int, stream: str) -> torch.Generator:
-        key = np.random.SeedSequence([self.seed, self.step + 1, i, sum(map(ord, stream)) * 7919 + len(stream)])
+        entropy = [self.seed, self.step + 1, i, sum(map(ord, stream)) * 7919 + len(stream)]
+        key = np.random.SeedSequence(entropy + ([self.draw] if self.draw else []))
         return torch.Generator().manual_seed(int(key.generate_state(1, np.uint64)[0] >> 1))
 
     def normal(self, counts: torch.Tensor, channels: int, stream: str) -> torch.Tensor:
@@ -167,15 +170,19 @@ class SampleNoise:
 class StructureTask(TrainTask):
     unit_name = "tokens"
 
-    def __init__(self, config: DiTStructureConfig, latents: Any, vae: nn.Module | None = None):
+    def __init__(self, config: DiTStructureConfig, latents: Any, vae: nn.Module | None = None,
+                 data_uri: str | None = None):
         self.config = config
         self.latents_source = latents
+        self.data_uri = data_uri  # the conditions' data (default: the one the latents' manifest names)
         self.vae = vae  # the frozen VAE (depth guidance decodes x̂1 with its geometry decoder)
         self.resolution = self.first_resolution()
         probe = open_latents(latents, "train", self.resolution)
         self.latent_channels = probe.stats.latent_dim
         self.feature_cache: Any = None
         self.step = 0
+        # Which fixed noise draw an eval-mode loss uses (SampleNoise.draw); held-out reports average a few.
+        self.eval_draw = 0
 
     def first_resolution(self) -> int:
         curriculum = self.config.training.curriculum
@@ -199,7 +206,7 @@ class StructureTask(TrainTask):
 
     def open_split(self, split: str, resolution: int) -> StructureData:
         """One split's samples at one resolution (the material task's carry more fields)."""
-        return StructureData(self.latents_source, split, resolution)
+        return StructureData(self.latents_source, split, resolution, self.data_uri)
 
     def _loader(self, split: str, resolution: int, rank: int, world_size: int, seed: int,
                 shuffle: bool) -> StructureLoader:
@@ -250,7 +257,8 @@ class StructureTask(TrainTask):
         segments = Segments.from_lengths(batch["num_tokens"].cpu()).to(device)
         token_sample = segments.ids()
 
-        noise = SampleNoise(self.config.training.seed, self.step if model.training else -1, batch["index"])
+        noise = SampleNoise(self.config.training.seed, self.step if model.training else -1, batch["index"],
+                            0 if model.training else self.eval_draw)
         # Latent flow: the seed's loss on the sample's own cells.
         x1 = batch["feats"]
         x0 = noise.normal(batch["num_tokens"], x1.shape[1], "latent").to(device, x1.dtype)

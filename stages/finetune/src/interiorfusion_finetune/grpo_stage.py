@@ -1,0 +1,378 @@
+"""Stage 4b: GRPO reinforcement fine-tuning of the Structure DiT with geometric rewards (Flow-GRPO's recipe).
+
+Each iteration (one engine step), per rank: `training.batch_size` conditions from the training split, each sampled
+`rl.group_size` times by the SDE (sde.py) with per-step log-probabilities; every rollout decoded and scored by the
+rewards (rewards.py, the config's weights); advantages normalised per group (grpo.py); then one policy-gradient
+update through the LoRA adapters on the latent flow:
+
+    loss = mean over the chosen steps k of [ −min(r_k·A, clip(r_k, 1 ± ε)·A) + β·KL_k(π_θ ‖ π_ref) ]
+
+with r_k = exp(ℓ_θ − ℓ_old), ℓ the step's Gaussian log-density *per dimension* (the sample's tokens × channels, as
+Flow-GRPO: a sum over thousands of dimensions would put every ratio outside any clip range), KL in closed form per
+dimension, π_ref the same network with its adapters disabled. Rollouts are drawn from (seed, iteration, rank), so a
+resumed run repeats them and ends with the same adapters.
+
+Inputs: `structure` (the base), optionally `lora` (start from its merged weights; its real scans are then the
+conditions). Outputs: `adapters/structure/` (peft), `merged/structure.safetensors` (what generate loads), `eval.json`
+(held-out conditions: reward of the tuned and of the base policy, ODE samples).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from interiorfusion_core.contract import Stage, StageContext, StageResult
+from interiorfusion_core.engine import Trainer
+from interiorfusion_core.engine.step import StepContext
+from interiorfusion_core.engine.task import TrainTask
+from interiorfusion_core.errors import UserError
+from interiorfusion_core.manifest import read_manifest
+from interiorfusion_core.stage import StageInput
+from interiorfusion_core.storage import open_store
+from interiorfusion_finetune.adapters import adapters_disabled, merged_state_dict, save_adapters, wrap
+from interiorfusion_finetune.config import LoRAConfig, RLFinetuneConfig
+from interiorfusion_finetune.grpo import clipped_policy_loss, gaussian_kl, group_advantages
+from interiorfusion_finetune.rewards import REWARDS, RewardModel
+from interiorfusion_finetune.rollout import Rollout, latent_velocity, sample_rollouts
+from interiorfusion_finetune.sde import gaussian_log_prob, sde_std, step_mean
+from interiorfusion_structure.generate import Generator, generate_scenes, load_generator, scene_preview
+from interiorfusion_structure.model import StructureModel
+from interiorfusion_structure.stage import stack_pngs
+from interiorfusion_structure.task import StructureData, StructureLoader, batch_to_device, geometry_stats
+
+log = logging.getLogger("interiorfusion_finetune")
+MERGED = "merged/structure.safetensors"
+ADAPTERS = "adapters/structure"
+
+
+class GroupedConditions(StructureData):
+    """Condition views of one split, each collated `group` times in a row (a GRPO group per condition)."""
+
+    def __init__(self, latents: Any, split: str, resolution: int, data_uri: str | None, group: int):
+        super().__init__(latents, split, resolution, data_uri)
+        self.group = group
+
+    def collate(self, samples: Any) -> dict[str, Any]:
+        return super().collate([s for s in samples for _ in range(self.group)])
+
+
+def latent_flow_targets(model: nn.Module, cfg: LoRAConfig) -> LoRAConfig:
+    """The LoRA targets restricted to the latent flow's blocks (the occupancy flow is sampled by its ODE and gets
+    no policy gradient, so adapters there would stay at zero)."""
+    from interiorfusion_finetune.adapters import targeted_modules
+
+    names = [n for n in targeted_modules(model, cfg) if n.startswith("latent.")]
+    if not names:
+        raise UserError(f"lora.target_modules {list(cfg.target_modules)} match no layer of the latent flow")
+    return cfg.model_copy(update={"target_modules": names})
+
+
+class CurveLoader:
+    """The conditions' StructureLoader, whose state also carries the task's reward curve so far: a resumed run's
+    curve (and its report) covers every iteration, not only those after the resume."""
+
+    def __init__(self, inner: StructureLoader, task: GRPOTask):
+        self.inner, self.task = inner, task
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+    def __iter__(self) -> Any:
+        return iter(self.inner)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.inner.set_epoch(epoch)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**self.inner.state_dict(), "curve": list(self.task.curve)}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.inner.load_state_dict(state)
+        self.task.curve = [dict(r) for r in state.get("curve", [])]
+
+
+class GRPOTask(TrainTask):
+    unit_name = "rollouts"
+    partition_at_init = False  # base weights loaded whole; peft's zero B written into its own tensors
+
+    def __init__(self, ctx: StageContext, config: RLFinetuneConfig, base: Generator, conditions: Any,
+                 data_uri: str | None, start: Mapping[str, torch.Tensor] | None):
+        self.ctx, self.config, self.base = ctx, config, base
+        self.conditions, self.data_uri, self.start = conditions, data_uri, start
+        self.resolution = base.resolution
+        self.stats = geometry_stats(conditions, self.resolution) if start is None else base.stats[self.resolution]
+        self.rewards: RewardModel | None = None
+        self.curve: list[dict[str, float]] = []  # per iteration (this rank): reward, KL, clip fraction, ...
+
+    def prepare(self, runtime: Any) -> None:
+        rl = self.config.rl
+        if rl.policy == "full" and runtime.deepspeed and runtime.zero_stage == 3:
+            raise UserError("rl.policy: full is refused under DeepSpeed ZeRO-3 (full-model GRPO hangs there); use "
+                            "rl.policy: lora, or a ZeRO-0/1/2 or DDP launcher config")
+        self.rewards = RewardModel(rl, device=str(runtime.device))
+
+    def build_model(self, config: Any) -> nn.Module:
+        model = StructureModel(self.base.config, self.base.model.latent_channels)
+        model.load_state_dict(self.start if self.start is not None else self.base.model.state_dict())
+        if self.config.rl.policy == "full":
+            return model
+        return wrap(model, latent_flow_targets(model, self.config.lora), "structure")
+
+    def frozen_models(self, config: Any) -> Mapping[str, nn.Module]:
+        frozen: dict[str, nn.Module] = {**self.base.frozen, "vae": self.base.vae}
+        if self.config.rl.policy == "full":  # the reference policy: a frozen copy of the starting weights
+            ref = StructureModel(self.base.config, self.base.model.latent_channels)
+            ref.load_state_dict(self.start if self.start is not None else self.base.model.state_dict())
+            frozen["reference"] = ref
+        return frozen
+
+    def encoders(self) -> dict[str, nn.Module]:
+        return {k: v for k, v in self.frozen.items() if k not in ("vae", "reference")}
+
+    def make_loader(self, phase: Any, rank: int, world_size: int, seed: int) -> CurveLoader:
+        data = GroupedConditions(self.conditions, "train", self.resolution, self.data_uri, self.config.rl.group_size)
+        return CurveLoader(StructureLoader(data, self.config.training.batch_size, 1 << 30, shuffle=True, seed=seed,
+                                           rank=rank, world_size=world_size, random_views=True), self)
+
+    def compute_losses(self, model: nn.Module, batch: Any) -> Mapping[str, torch.Tensor]:
+        raise NotImplementedError("GRPO has no supervised loss; its steps are train_step")  # no val_batches
+
+    def batch_size_of(self, batch: Any) -> int:
+        return len(batch["rgb"])
+
+    def count_units(self, batch: Any) -> int:
+        return len(batch["rgb"])
+
+    def to_device(self, batch: Any, device: torch.device, dtype: torch.dtype | None = None) -> Any:
+        return batch_to_device(batch, device, dtype)
+
+    # ---- one iteration
+    def train_step(self, step: StepContext) -> Mapping[str, torch.Tensor]:
+        cfg, rl = self.config, self.config.rl
+        module = step.module
+        module.eval()  # no condition dropout: the rollout's and the update's velocities are the same function
+        batch = step.next_batch()
+        B = len(batch["rgb"])
+        gen = torch.Generator().manual_seed(_stream(cfg.training.seed, step.step, step.rank, step.micro))
+        rollout = sample_rollouts(module, self.frozen["vae"], self.encoders(), self.base.config, self.stats,
+                                  self.base.compression, self.resolution, batch, rl.sampling_steps,
+                                  rl.sde_noise_level, gen)
+        assert self.rewards is not None
+        results = self.rewards.batch(rollout.scenes, batch)
+        totals = torch.tensor([r.total for r in results], dtype=torch.float64)
+        groups = torch.arange(B) // rl.group_size
+        adv = group_advantages(totals, groups, rl.advantage_std)
+        loss, policy, kl, clipped = self._objective(step, rollout, adv.values.to(step.device),
+                                                    adv.keep.to(step.device), gen)
+        step.backward(loss)
+        out = {"loss": loss.detach(), "policy": policy, "kl": kl, "clip_fraction": clipped,
+               "reward": totals.mean().float(), "reward_std": totals.std(unbiased=False).float(),
+               "advantage_spread": torch.tensor(adv.spread, dtype=torch.float32),
+               "skipped_groups": torch.tensor(float(adv.skipped_groups))}
+        for name in self.logged_rewards():
+            out[f"reward_{name}"] = torch.tensor(float(np.mean([r.values.get(name, np.nan) for r in results])))
+        self.curve.append({"step": step.step, **{k: float(v) for k, v in out.items()}})
+        if step.rank == 0 and rl.log_renders_every and step.step % rl.log_renders_every == 0 and step.micro == 0:
+            best = int(torch.argmax(totals))
+            self.ctx.tracker.log_image(scene_preview(rollout.scenes[best], batch, best),
+                                       f"rollouts/step-{step.step:08d}.png")
+        return {k: torch.as_tensor(v, dtype=torch.float32, device=step.device) for k, v in out.items()}
+
+    def logged_rewards(self) -> list[str]:
+        """The rewards every rollout gets (the same keys every iteration): those with a weight, less edit_quality
+        (no edit pairs are sampled in this version)."""
+        weights = self.config.rl.reward_weights.model_dump()
+        return [n for n in REWARDS if weights[n] > 0 and n != "edit_quality"]
+
+    def _objective(self, step: StepContext, rollout: Rollout, advantages: torch.Tensor, keep: torch.Tensor,
+                   gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        rl, beta = self.config.rl, self.config.training.kl_penalty
+        traj, B = rollout.trajectory, rollout.size
+        token_sample = rollout.segments.ids()
+        dims = torch.bincount(token_sample, minlength=B).float() * traj.states[0].shape[1]
+        K = traj.steps
+        chosen = sorted(torch.randperm(K, generator=gen)[: max(1, round(rl.timestep_fraction * K))].tolist())
+        policy_v = latent_velocity(step.model, rollout.batch, rollout.cells, rollout.segments, rollout.lifted)
+        ref_v = self._reference_velocity(step, rollout)
+        policy = torch.zeros((), device=step.device)
+        kl = torch.zeros((), device=step.device)
+        clip_fraction = torch.zeros((), device=step.device)
+        for k in chosen:
+            t, t_next = traj.grid[k], traj.grid[k + 1]
+            std = sde_std(t, rl.sde_noise_level) * math.sqrt(t_next - t)
+            mean = step_mean(policy_v, traj, k, B, rl.sde_noise_level)
+            log_prob = gaussian_log_prob(traj.states[k + 1], mean, std, token_sample, B) / dims
+            old = traj.log_probs[k] / dims
+            if bool(keep.any()):
+                term, clipped = clipped_policy_loss(log_prob[keep], old[keep], advantages[keep], rl.clip_range)
+            else:  # every group flat: no preference to learn from (only the KL acts)
+                term, clipped = 0.0 * log_prob.sum(), torch.zeros((), device=step.device)
+            with torch.no_grad():
+                ref_mean = step_mean(ref_v, traj, k, B, rl.sde_noise_level)
+            step_kl = (gaussian_kl(mean, ref_mean, std, token_sample, B) / dims).mean()
+            policy = policy + term
+            kl = kl + step_kl
+            clip_fraction = clip_fraction + clipped
+        n = len(chosen)
+        policy, kl = policy / n, kl / n
+        return policy + beta * kl, policy.detach(), kl.detach(), clip_fraction / n
+
+    def _reference_velocity(self, step: StepContext, rollout: Rollout) -> Any:
+        if self.config.rl.policy == "full":
+            return latent_velocity(self.frozen["reference"], rollout.batch, rollout.cells, rollout.segments,
+                                   rollout.lifted)
+        inner = latent_velocity(step.module, rollout.batch, rollout.cells, rollout.segments, rollout.lifted)
+
+        def v(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            with adapters_disabled(step.module):
+                return inner(x, t)
+        return v
+
+
+def _stream(seed: int, iteration: int, rank: int, micro: int) -> int:
+    key = np.random.SeedSequence([seed, iteration, rank, micro, 0x6B7F])
+    return int(key.generate_state(1, np.uint64)[0] >> 1)
+
+
+class GRPOStage(Stage):
+    config_model = RLFinetuneConfig
+
+    def run(self, ctx: StageContext) -> StageResult:
+        config: RLFinetuneConfig = ctx.config
+        structure_uri = ctx.inputs["structure"].uri
+        base = load_generator(structure_uri, "cpu", Path(ctx.work_dir))
+        conditions, data_uri, start = _conditions(ctx, base)
+        task = GRPOTask(ctx, config, base, conditions, data_uri, start)
+        trainer = Trainer(ctx, task)
+        result = trainer.fit()
+        rt = trainer.rt
+        metrics = dict(result.metrics) | curve_summary(task.curve)
+        outputs: dict[str, str] = {"checkpoint": result.checkpoint}
+        tuned = _load_tuned(ctx, result.checkpoint, task)
+        report = held_out_rewards(tuned, task, rt.device)
+        if rt.is_main:
+            if config.rl.policy == "lora":
+                folder = Path(ctx.work_dir) / "adapters-structure"
+                for path in save_adapters(tuned, folder):
+                    ctx.output.put_file(f"{ADAPTERS}/{path.relative_to(folder)}", path)
+                outputs["structure_adapters"] = ADAPTERS
+            from safetensors.torch import save_file
+
+            local = Path(ctx.work_dir) / "merged-structure.safetensors"
+            weights = merged_state_dict(tuned) if config.rl.policy == "lora" else {
+                k: v.detach().cpu().contiguous() for k, v in tuned.state_dict().items()}
+            save_file(weights, str(local))
+            ctx.output.put_file(MERGED, local)
+            outputs["structure_weights"] = MERGED
+            ctx.output.put_json("curve.json", {"rank": 0, "iterations": task.curve})
+            outputs["curve"] = "curve.json"
+            if report is not None:
+                ctx.output.put_json("eval.json", report)
+                metrics |= {f"heldout_{k}": v for k, v in report["metrics"].items()}
+                ctx.tracker.log_metrics({f"heldout/{k}": v for k, v in report["metrics"].items()}, step=result.step)
+        return StageResult(metrics=metrics, outputs=outputs)
+
+
+def curve_summary(curve: list[dict[str, float]]) -> dict[str, float]:
+    """The reward curve in a few numbers (rank 0's rollouts): first, last, mean and last-half mean reward, the KL
+    at the first iteration and its maximum."""
+    if not curve:
+        return {}
+    by_step: dict[int, list[dict[str, float]]] = {}
+    for row in curve:
+        by_step.setdefault(int(row["step"]), []).append(row)
+    steps = sorted(by_step)
+    reward = [float(np.mean([r["reward"] for r in by_step[s]])) for s in steps]
+    kl = [float(np.mean([r["kl"] for r in by_step[s]])) for s in steps]
+    half = reward[len(reward) // 2:]
+    return {"reward_first": reward[0], "reward_last": reward[-1], "reward_mean": float(np.mean(reward)),
+            "reward_last_half": float(np.mean(half)), "kl_first": kl[0], "kl_max": float(max(kl)),
+            "iterations_recorded": float(len(steps))}
+
+
+def _conditions(ctx: StageContext, base: Generator) -> tuple[Any, str | None, dict[str, torch.Tensor] | None]:
+    """(the latents whose condition views are the prompts, their data URI, the starting weights): the LoRA run's
+    real scans and merged weights when a `lora` input is given, else the base run's training data."""
+    from safetensors.torch import load_file
+
+    if "lora" in ctx.inputs:
+        lora = ctx.inputs["lora"]
+        if "structure_weights" not in lora.manifest.outputs:
+            raise UserError(f"{lora.uri}: this LoRA run wrote no merged weights (lora.merge was false); GRPO starts "
+                            "from them")
+        start = load_file(str(lora.open(lora.manifest.outputs["structure_weights"])))
+        return StageInput("latents", lora.uri, None, lora.store), lora.manifest.inputs["data"].uri, start  # type: ignore[arg-type]
+    latents_uri = read_manifest(open_store(ctx.inputs["structure"].uri)).inputs["latents"].uri
+    store = open_store(latents_uri)
+    return StageInput("latents", latents_uri, read_manifest(store), store), None, None
+
+
+def _twice(batch: Mapping[str, Any]) -> dict[str, Any]:
+    """The view fields of a one-sample batch repeated for two scenes (the tuned and the base one)."""
+    return {k: torch.cat([batch[k], batch[k]]) for k in ("depth", "intrinsics", "cam_to_world", "rgb")
+            if k in batch}
+
+
+def _load_tuned(ctx: StageContext, checkpoint: str, task: GRPOTask) -> nn.Module:
+    from safetensors.torch import load_file
+
+    path = ctx.output.get_file(f"{checkpoint}/model.safetensors", Path(ctx.work_dir) / "tuned.safetensors")
+    model = task.build_model(task.config)
+    model.load_state_dict(load_file(str(path)))
+    path.unlink(missing_ok=True)
+    return model.eval()
+
+
+@torch.no_grad()
+def held_out_rewards(model: nn.Module, task: GRPOTask, device: torch.device) -> dict[str, Any] | None:
+    """Held-out conditions generated by the ODE with the tuned policy and with the base (adapters disabled, or the
+    starting weights), scored by the same rewards."""
+    cfg = task.config
+    assert task.rewards is not None
+    model = model.to(device).eval()
+    gen = Generator(model, task.base.vae.to(device), {k: v.to(device) for k, v in task.base.frozen.items()},
+                    task.base.config, {task.resolution: task.stats}, task.base.compression, task.resolution)
+    rows: list[dict[str, Any]] = []
+    previews: list[bytes] = []
+    remaining = cfg.eval.samples
+    for split in cfg.eval.splits:
+        try:
+            data = StructureData(task.conditions, split, task.resolution, task.data_uri)
+        except UserError:
+            continue
+        n = min(len(data), remaining)
+        remaining -= n
+        for i in range(n):
+            batch = batch_to_device(data.collate([data.sample(i)]), device)
+            tuned_scene = generate_scenes(gen, batch)[0]
+            if cfg.rl.policy == "lora":
+                with adapters_disabled(model):
+                    base_scene = generate_scenes(gen, batch)[0]
+            else:
+                ref = copy.copy(gen)
+                ref.model = task.frozen["reference"]
+                base_scene = generate_scenes(ref, batch)[0]
+            tuned, base = task.rewards.batch([tuned_scene, base_scene], {**batch, **_twice(batch)})
+            if len(previews) < 2:  # tuned above, base below
+                previews += [scene_preview(tuned_scene, batch, 0), scene_preview(base_scene, batch, 0)]
+            rows.append({"key": batch["keys"][0], "split": split, "reward": tuned.total, "base_reward": base.total,
+                         "values": tuned.values, "base_values": base.values})
+    if not rows:
+        return None
+    if previews and task.ctx.rank == 0:
+        task.ctx.tracker.log_image(stack_pngs(previews), "grpo_heldout.png")
+    metrics = {"reward": float(np.mean([r["reward"] for r in rows])),
+               "base_reward": float(np.mean([r["base_reward"] for r in rows]))}
+    return {"samples": len(rows), "sampler": "ode", "metrics": metrics, "records": rows}
+
+
+__all__ = ["GRPOStage", "GRPOTask", "GroupedConditions", "held_out_rewards"]
