@@ -113,3 +113,18 @@ def test_the_cli_runs_the_stage_by_name(lora_smoke: RunOutcome, structure_smoke:
     bad = subprocess.run([sys.executable, "-m", "interiorfusion_finetune", "lorra"], capture_output=True, text=True,
                          timeout=60, cwd=REPO)
     assert bad.returncode != 0 and "usage: python -m interiorfusion_finetune {lora,grpo}" in bad.stderr
+
+
+def test_lora_mixes_in_synthetic_replay_by_weight(structure_smoke: RunOutcome, real_smoke_data: str,
+                                                  tmp_path: Path) -> None:
+    """replay.weight > 0: batches of the base run's own training rooms come in between the real scans'."""
+    from interiorfusion_core.contract import run_stage
+
+    out = run_stage("lora", REPO / "configs/smoke/lora.yaml",
+                    inputs={"structure": structure_smoke.uri, "data": real_smoke_data},
+                    output=(tmp_path / "lora").as_uri(),
+                    overrides=["replay.weight=1.0", "training.max_steps=6", "training.checkpoint_every=6",
+                               "training.val_every=6", "eval.samples=1", "eval.draws=1"])
+    assert out.manifest.config["replay"]["weight"] == 1.0
+    adapters = load_file(_path(out.uri) / "adapters/structure/adapter_model.safetensors")
+    assert any("lora_B" in k and float(v.abs().max()) > 0 for k, v in adapters.items())

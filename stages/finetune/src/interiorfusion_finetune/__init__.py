@@ -1,1 +1,2 @@
-"""InteriorFusion stage 4: LoRA and GRPO fine-tuning (their config schemas so far; the trainers come next)."""
+"""InteriorFusion stage 4: LoRA fine-tuning on real scans (`lora`) and GRPO reinforcement fine-tuning with geometric
+rewards (`grpo`). docs/finetune.md."""

@@ -64,8 +64,16 @@ class LoRAEvalConfig(Strict):
 
 
 class MixedDataConfig(DataLoaderConfig):
-    # Mixing weight when several datasets feed one stage (the seed's fine-tuning config).
+    # Mixing weight when several datasets feed one stage (the seed's fine-tuning config): each batch comes from
+    # this dataset with probability weight / (weight + replay.weight).
     weight: NonNegativeFloat = 1.0
+
+
+class ReplayConfig(Strict):
+    """The base run's own training rooms (its synthetic latents) mixed into the LoRA batches by weight, against
+    forgetting what the base knew; 0 (the default, the seed's setting) trains on the real scans alone."""
+
+    weight: NonNegativeFloat = 0.0
 
 
 class FinetuneLoRAConfig(TrainableStageConfig):
@@ -79,7 +87,14 @@ class FinetuneLoRAConfig(TrainableStageConfig):
     lora: LoRAConfig = Field(default_factory=LoRAConfig)
     training: TrainingConfig = Field(default_factory=lambda: TrainingConfig(lr=1.0e-5))
     data: MixedDataConfig = Field(default_factory=lambda: MixedDataConfig(dataset="InteriorFusion-Real"))
+    replay: ReplayConfig = Field(default_factory=ReplayConfig)
     eval: LoRAEvalConfig = Field(default_factory=LoRAEvalConfig)
+
+    @model_validator(mode="after")
+    def _some_data(self) -> FinetuneLoRAConfig:
+        if self.data.weight + self.replay.weight <= 0:
+            raise ValueError("data.weight and replay.weight are both 0: no batch could be drawn")
+        return self
 
 
 VGGT_ID_FIXES = {"microsoft/VGGT-1B": "facebook/VGGT-1B"}
@@ -205,4 +220,5 @@ class RLFinetuneConfig(TrainableStageConfig):
 
 
 __all__ = ["FinetuneLoRAConfig", "LoRAConfig", "LoRAEvalConfig", "RLConfig", "RLEvalConfig", "RLFinetuneConfig",
-           "RLRewardParams", "RLTrainingConfig"]
+           "RLRewardParams", "RLTrainingConfig",
+           "ReplayConfig"]

@@ -38,9 +38,10 @@ from interiorfusion_core.errors import UserError
 from interiorfusion_core.manifest import read_manifest
 from interiorfusion_core.stage import StageInput
 from interiorfusion_core.storage import open_store
-from interiorfusion_finetune.adapters import adapters_disabled, merged_state_dict, save_adapters, wrap
+from interiorfusion_finetune.adapters import adapters_disabled, wrap
 from interiorfusion_finetune.config import LoRAConfig, RLFinetuneConfig
 from interiorfusion_finetune.grpo import clipped_policy_loss, gaussian_kl, group_advantages
+from interiorfusion_finetune.lora_stage import load_tuned, write_tuned_structure
 from interiorfusion_finetune.rewards import REWARDS, RewardModel
 from interiorfusion_finetune.rollout import Rollout, latent_velocity, sample_rollouts
 from interiorfusion_finetune.sde import gaussian_log_prob, sde_std, step_mean
@@ -50,8 +51,6 @@ from interiorfusion_structure.stage import stack_pngs
 from interiorfusion_structure.task import StructureData, StructureLoader, batch_to_device, geometry_stats
 
 log = logging.getLogger("interiorfusion_finetune")
-MERGED = "merged/structure.safetensors"
-ADAPTERS = "adapters/structure"
 
 
 class GroupedConditions(StructureData):
@@ -257,22 +256,10 @@ class GRPOStage(Stage):
         rt = trainer.rt
         metrics = dict(result.metrics) | curve_summary(task.curve)
         outputs: dict[str, str] = {"checkpoint": result.checkpoint}
-        tuned = _load_tuned(ctx, result.checkpoint, task)
+        tuned = load_tuned(ctx, result.checkpoint, task)
         report = held_out_rewards(tuned, task, rt.device)
         if rt.is_main:
-            if config.rl.policy == "lora":
-                folder = Path(ctx.work_dir) / "adapters-structure"
-                for path in save_adapters(tuned, folder):
-                    ctx.output.put_file(f"{ADAPTERS}/{path.relative_to(folder)}", path)
-                outputs["structure_adapters"] = ADAPTERS
-            from safetensors.torch import save_file
-
-            local = Path(ctx.work_dir) / "merged-structure.safetensors"
-            weights = merged_state_dict(tuned) if config.rl.policy == "lora" else {
-                k: v.detach().cpu().contiguous() for k, v in tuned.state_dict().items()}
-            save_file(weights, str(local))
-            ctx.output.put_file(MERGED, local)
-            outputs["structure_weights"] = MERGED
+            outputs |= write_tuned_structure(ctx, tuned, adapters=config.rl.policy == "lora", merged=True)
             ctx.output.put_json("curve.json", {"rank": 0, "iterations": task.curve})
             outputs["curve"] = "curve.json"
             if report is not None:
@@ -320,16 +307,6 @@ def _twice(batch: Mapping[str, Any]) -> dict[str, Any]:
     """The view fields of a one-sample batch repeated for two scenes (the tuned and the base one)."""
     return {k: torch.cat([batch[k], batch[k]]) for k in ("depth", "intrinsics", "cam_to_world", "rgb")
             if k in batch}
-
-
-def _load_tuned(ctx: StageContext, checkpoint: str, task: GRPOTask) -> nn.Module:
-    from safetensors.torch import load_file
-
-    path = ctx.output.get_file(f"{checkpoint}/model.safetensors", Path(ctx.work_dir) / "tuned.safetensors")
-    model = task.build_model(task.config)
-    model.load_state_dict(load_file(str(path)))
-    path.unlink(missing_ok=True)
-    return model.eval()
 
 
 @torch.no_grad()

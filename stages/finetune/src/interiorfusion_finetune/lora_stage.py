@@ -34,6 +34,7 @@ from interiorfusion_core.errors import UserError
 from interiorfusion_core.stage import StageInput
 from interiorfusion_finetune.adapters import adapters_disabled, merged_state_dict, save_adapters, wrap
 from interiorfusion_finetune.config import FinetuneLoRAConfig
+from interiorfusion_finetune.mixing import MixedLoader
 from interiorfusion_structure.config import DiTStructureConfig, StructureEvalConfig
 from interiorfusion_structure.generate import Generator, load_generator
 from interiorfusion_structure.model import StructureModel
@@ -95,9 +96,16 @@ class LoRATask(TrainTask):
             frozen["vae"] = self.base.vae
         return frozen
 
-    def make_loader(self, phase: Any, rank: int, world_size: int, seed: int) -> StructureLoader:
+    def make_loader(self, phase: Any, rank: int, world_size: int, seed: int) -> StructureLoader | MixedLoader:
         self.task.frozen = self.frozen
-        return self.task.make_loader(phase, rank, world_size, seed)
+        real = self.task.make_loader(phase, rank, world_size, seed)
+        if self.config.replay.weight <= 0:
+            return real
+        # Synthetic replay: the base run's training rooms, in the same normalised space (the base's statistics).
+        replay = StructureLoader(StructureData(self.base_latents, "train", self.task.resolution),
+                                 self.structure_config.training.batch_size, self.structure_config.max_tokens,
+                                 shuffle=True, seed=seed + 1, rank=rank, world_size=world_size, random_views=True)
+        return MixedLoader([real, replay], [self.config.data.weight, self.config.replay.weight], seed)
 
     def on_phase(self, phase: Any, model: nn.Module) -> None:
         self.task.on_phase(phase, model)
@@ -166,17 +174,7 @@ class LoRAStage(Stage):
         tuned = load_tuned(ctx, result.checkpoint, task)
         report = held_out_losses(tuned, task, config, rt.device)
         if rt.is_main:
-            folder = Path(ctx.work_dir) / "adapters-structure"
-            for path in save_adapters(tuned, folder):
-                ctx.output.put_file(f"{ADAPTERS}/{path.relative_to(folder)}", path)
-            outputs["structure_adapters"] = ADAPTERS
-            if config.lora.merge:
-                from safetensors.torch import save_file
-
-                local = Path(ctx.work_dir) / "merged-structure.safetensors"
-                save_file(merged_state_dict(tuned), str(local))
-                ctx.output.put_file(MERGED, local)
-                outputs["structure_weights"] = MERGED
+            outputs |= write_tuned_structure(ctx, tuned, adapters=True, merged=config.lora.merge)
             preview = held_out_preview(tuned, task, base, rt.device)
             if preview is not None:
                 ctx.tracker.log_image(preview, "lora_heldout.png")
@@ -185,6 +183,27 @@ class LoRAStage(Stage):
                 metrics |= {f"heldout_{k}": v for k, v in report["metrics"].items()}
                 ctx.tracker.log_metrics({f"heldout/{k}": v for k, v in report["metrics"].items()}, step=result.step)
         return StageResult(metrics=metrics, outputs=outputs)
+
+
+def write_tuned_structure(ctx: StageContext, tuned: nn.Module, *, adapters: bool, merged: bool) -> dict[str, str]:
+    """peft's adapters (`adapters`) and the full weights with them folded in (`merged`; a model without adapters
+    is written as it is) under the output; returns the manifest outputs naming them."""
+    from safetensors.torch import save_file
+
+    outputs: dict[str, str] = {}
+    if adapters:
+        folder = Path(ctx.work_dir) / "adapters-structure"
+        for path in save_adapters(tuned, folder):
+            ctx.output.put_file(f"{ADAPTERS}/{path.relative_to(folder)}", path)
+        outputs["structure_adapters"] = ADAPTERS
+    if merged:
+        local = Path(ctx.work_dir) / "merged-structure.safetensors"
+        weights = merged_state_dict(tuned) if adapters else {
+            k: v.detach().cpu().contiguous() for k, v in tuned.state_dict().items()}
+        save_file(weights, str(local))
+        ctx.output.put_file(MERGED, local)
+        outputs["structure_weights"] = MERGED
+    return outputs
 
 
 def _latents_input(structure_uri: str) -> StageInput:
@@ -197,8 +216,9 @@ def _latents_input(structure_uri: str) -> StageInput:
     return StageInput("latents", latents_uri, read_manifest(store), store)
 
 
-def load_tuned(ctx: StageContext, checkpoint: str, task: LoRATask) -> nn.Module:
-    """The final checkpoint's base + adapters, rebuilt on CPU (whole tensors, whatever the training's sharding)."""
+def load_tuned(ctx: StageContext, checkpoint: str, task: TrainTask) -> nn.Module:
+    """The final checkpoint's base + adapters (the task's model), rebuilt on CPU: whole tensors, whatever the
+    training's sharding."""
     from safetensors.torch import load_file
 
     path = ctx.output.get_file(f"{checkpoint}/model.safetensors", Path(ctx.work_dir) / "tuned.safetensors")
@@ -279,4 +299,5 @@ def held_out_losses(model: nn.Module, task: LoRATask, config: FinetuneLoRAConfig
     return out
 
 
-__all__ = ["LoRAStage", "LoRATask", "base_normalised", "held_out_losses", "tuned_structure_config"]
+__all__ = ["LoRAStage", "LoRATask", "base_normalised", "held_out_losses", "load_tuned", "tuned_structure_config",
+           "write_tuned_structure"]
