@@ -164,7 +164,7 @@ class GRPOTask(TrainTask):
         gen = torch.Generator().manual_seed(_stream(cfg.training.seed, step.step, step.rank, step.micro))
         rollout = sample_rollouts(module, self.frozen["vae"], self.encoders(), self.base.config, self.stats,
                                   self.base.compression, self.resolution, batch, rl.sampling_steps,
-                                  rl.sde_noise_level, gen)
+                                  rl.sde_noise_level, gen, group=rl.group_size)
         assert self.rewards is not None
         results = self.rewards.batch(rollout.scenes, batch)
         totals = torch.tensor([r.total for r in results], dtype=torch.float64)

@@ -162,8 +162,9 @@ class LoRAStage(Stage):
         structure_uri = ctx.inputs["structure"].uri
         base = load_generator(structure_uri, "cpu", Path(ctx.work_dir))
         if "material" in config.lora.models and "material" in ctx.inputs:
-            log.warning("lora.models names material: the Material DiT's adapters are not trained by this version; "
-                        "only the structure DiT is tuned")
+            log.warning("lora.models names material, but only the structure DiT is tuned: real scans carry no PBR "
+                        "materials (ScanNet and HM3D samples have present.materials false), so the Material DiT's "
+                        "losses have no targets on them")
         base_latents = _latents_input(structure_uri)
         task = LoRATask(ctx, config, base, base_latents)
         trainer = Trainer(ctx, task)

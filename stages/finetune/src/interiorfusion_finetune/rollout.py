@@ -2,7 +2,8 @@
 by the SDE (sde.py), each step's log-probability recorded; then the VAE's geometry decode into scenes.
 
 The policy is the latent flow: the occupancy flow's cells are sampled by its ODE with the current network (part of
-the environment in this version), so every rollout of a group shares nothing but its condition. Everything a
+the environment in this version), one draw per group, so a group's rollouts share their cells and differ only by
+the policy's actions. Everything a
 policy-gradient pass needs to recompute a step's log-probability (the cells, their segments, the lifted depth, the
 encoded-condition batch) is kept in the `Rollout`.
 """
@@ -53,9 +54,12 @@ def latent_velocity(forward: Callable[..., Mapping[str, torch.Tensor]], rollout_
 def sample_rollouts(model: nn.Module, vae: nn.Module, frozen: Mapping[str, nn.Module], config: DiTStructureConfig,
                     stats: tuple[torch.Tensor, torch.Tensor], compression: int, resolution: int,
                     batch: Mapping[str, Any], steps: int, noise_level: float, generator: torch.Generator,
-                    forward: Callable[..., Mapping[str, torch.Tensor]] | None = None) -> Rollout:
-    """One rollout per sample of `batch` (repeat a condition for a group). `model` is the unwrapped network (its
-    attributes), `forward` the wrapped one's call (default: the model itself)."""
+                    forward: Callable[..., Mapping[str, torch.Tensor]] | None = None, group: int = 1) -> Rollout:
+    """One rollout per sample of `batch`, whose samples come in groups of `group` consecutive copies of one
+    condition. A group shares its coarse occupancy draw: its rollouts differ only by the latent SDE, the policy's own
+    actions, so the group's reward spread is the policy's doing (the occupancy draw would otherwise add a reward
+    variance the policy cannot influence to every advantage). `model` is the unwrapped network (its attributes),
+    `forward` the wrapped one's call (default: the model itself)."""
     from interiorfusion_structure.conditions import frozen_features
     from interiorfusion_structure.lifting import cell_values, patch_values
     from interiorfusion_structure.task import lifted_depth
@@ -81,7 +85,10 @@ def sample_rollouts(model: nn.Module, vae: nn.Module, frozen: Mapping[str, nn.Mo
     def occ_velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return model.velocity("occupancy", FlowInput(x, o_coords, o_segs, t, o_lift), cond).float()
 
-    o0 = torch.randn(len(o_coords), p**3, generator=generator).to(device)
+    if B % group:
+        raise ValueError(f"{B} samples do not make whole groups of {group}")
+    o0 = torch.randn(B // group, per, p**3, generator=generator).repeat_interleave(group, 0).reshape(-1, p**3)
+    o0 = o0.to(device)
     grid = unpatchify(sample_ode(occ_velocity, o0, B, config.sampling.occupancy_steps, t_range), B, R, p)
     occupied = grid > config.sampling.occupancy_threshold
     for b in range(B):  # a scene has at least one cell: the most confident
