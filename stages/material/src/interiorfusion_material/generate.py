@@ -155,6 +155,8 @@ def resolve_stage_uri(source: str, stage: str) -> str | None:
             return store.uri  # a structure output, or a fine-tuned one (LoRA, GRPO)
         if stage in manifest.inputs:  # material → its structure; a fine-tune → its material
             return manifest.inputs[stage].uri
+        if "lora" in manifest.inputs:  # GRPO after LoRA: the LoRA run's material
+            return resolve_stage_uri(manifest.inputs["lora"].uri, stage)
         return None
     if store.exists("runs/latest.json"):
         return _from_record(store.get_json("runs/latest.json"), stage)
