@@ -59,8 +59,8 @@ def test_image_config(images, docker):
         assert config["User"] == "10001:10001", name
         assert "/opt/venv/bin" in next(e for e in config["Env"] if e.startswith("PATH=")), name
     data = json.loads(docker("image", "inspect", images["data"]).stdout)[0]["Config"]
-    assert "INTERIORFUSION_STAGE=data" in data["Env"]
-    assert any("interiorfusion_${INTERIORFUSION_STAGE}" in part for part in data["Entrypoint"])
+    assert "INTERIORFUSION_STAGE=data" in data["Env"] and "INTERIORFUSION_PACKAGE=data" in data["Env"]
+    assert any("interiorfusion_${INTERIORFUSION_PACKAGE}" in part for part in data["Entrypoint"])
 
 
 def test_entrypoint_runs_the_stage_module(images, docker):
