@@ -114,8 +114,7 @@ class LoRATask(TrainTask):
         return self.task.val_batches(rank, world_size)
 
     def train_step(self, step: Any) -> Mapping[str, torch.Tensor]:
-        self.task.step = step.step
-        return super().train_step(step)
+        return self.task.train_step(step)  # stage 2's step (it keeps the step for its per-sample noise)
 
     def compute_losses(self, model: nn.Module, batch: Any) -> Mapping[str, torch.Tensor]:
         return self.task.compute_losses(model, batch)

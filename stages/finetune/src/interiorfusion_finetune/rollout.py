@@ -14,7 +14,6 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -22,8 +21,8 @@ from interiorfusion_finetune.sde import Trajectory, sample_sde
 from interiorfusion_structure.attention import Segments
 from interiorfusion_structure.config import DiTStructureConfig
 from interiorfusion_structure.flow import sample_ode
-from interiorfusion_structure.generate import GeneratedScene
-from interiorfusion_structure.model import FlowInput, grid_coords, patchify, unpatchify
+from interiorfusion_structure.generate import GeneratedScene, decode_scenes, occupied_cells
+from interiorfusion_structure.model import FlowInput, patchify, unpatchify
 
 
 @dataclass
@@ -54,18 +53,16 @@ def latent_velocity(forward: Callable[..., Mapping[str, torch.Tensor]], rollout_
 def sample_rollouts(model: nn.Module, vae: nn.Module, frozen: Mapping[str, nn.Module], config: DiTStructureConfig,
                     stats: tuple[torch.Tensor, torch.Tensor], compression: int, resolution: int,
                     batch: Mapping[str, Any], steps: int, noise_level: float, generator: torch.Generator,
-                    forward: Callable[..., Mapping[str, torch.Tensor]] | None = None, group: int = 1) -> Rollout:
+                    group: int = 1) -> Rollout:
     """One rollout per sample of `batch`, whose samples come in groups of `group` consecutive copies of one
     condition. A group shares its coarse occupancy draw: its rollouts differ only by the latent SDE, the policy's own
     actions, so the group's reward spread is the policy's doing (the occupancy draw would otherwise add a reward
-    variance the policy cannot influence to every advantage). `model` is the unwrapped network (its attributes),
-    `forward` the wrapped one's call (default: the model itself)."""
+    variance the policy cannot influence to every advantage). `model` is the unwrapped network; rollouts need no
+    gradients, so no wrapper's hooks."""
     from interiorfusion_structure.conditions import frozen_features
     from interiorfusion_structure.lifting import cell_values, patch_values
     from interiorfusion_structure.task import lifted_depth
-    from interiorfusion_vae.latents import decode_geometry
 
-    forward = forward or model
     device = next(model.parameters()).device
     R = resolution // compression
     B = len(batch["rgb"])
@@ -90,40 +87,19 @@ def sample_rollouts(model: nn.Module, vae: nn.Module, frozen: Mapping[str, nn.Mo
     o0 = torch.randn(B // group, per, p**3, generator=generator).repeat_interleave(group, 0).reshape(-1, p**3)
     o0 = o0.to(device)
     grid = unpatchify(sample_ode(occ_velocity, o0, B, config.sampling.occupancy_steps, t_range), B, R, p)
-    occupied = grid > config.sampling.occupancy_threshold
-    for b in range(B):  # a scene has at least one cell: the most confident
-        if not bool(occupied[b].any()):
-            occupied[b].view(-1)[grid[b].view(-1).argmax()] = True
-    cells = grid_coords(occupied).to(device)
-    counts = torch.bincount(cells[:, 0].long(), minlength=B)
+    cells, counts = occupied_cells(grid, config.sampling.occupancy_threshold)
     segments = Segments.from_lengths(counts.cpu()).to(device)
     lifted = None if lifted_grid is None else cell_values(lifted_grid, cells)
 
     # 2. Latents on those cells: the SDE, log-probabilities per step.
     x0 = torch.randn(len(cells), model.latent_channels, generator=generator).to(device)
-    velocity = latent_velocity(forward, cond_batch, cells, segments, lifted)
+    velocity = latent_velocity(model, cond_batch, cells, segments, lifted)
     traj = sample_sde(lambda x, t: velocity(x, t).float(), x0, segments.ids(), B, steps, t_range, noise_level,
                       generator)
 
-    # 3. Decode with the VAE's geometry branch (denormalised: the VAE's own latent space).
-    mean, std = stats
-    raw = traj.x1 * std.to(device) + mean.to(device)
-    geo = decode_geometry(vae, {"coords": cells, "feats": raw.to(next(vae.parameters()).dtype), "num_tokens": counts,
-                                "latent_resolution": R, "compression": compression})
-    keep = geo.occupancy_logits.reshape(-1) > 0
-    vox = geo.voxels.coords[keep].cpu()
-    classes = (geo.class_logits[keep].argmax(-1).cpu() if geo.class_logits is not None
-               else torch.zeros(int(keep.sum()), dtype=torch.long))
-    scenes = []
-    for b in range(B):
-        rows = vox[:, 0] == b
-        scenes.append(GeneratedScene(
-            cells=cells[cells[:, 0] == b, 1:].cpu().numpy(), voxels=vox[rows, 1:].numpy().astype(np.int64),
-            classes=classes[rows].numpy(), resolution=resolution,
-            origin=np.asarray(batch["origin"][b].cpu(), np.float64), cube_size=float(batch["cube_size"][b]),
-            meta={"key": batch["keys"][b] if "keys" in batch else None, "sampler": "sde", "steps": steps,
-                  "noise_level": noise_level},
-        ))
+    # 3. Decode with the VAE's geometry branch.
+    scenes = decode_scenes(vae, cells, counts, traj.x1, stats, compression, resolution, batch,
+                           {"sampler": "sde", "steps": steps, "noise_level": noise_level})
     return Rollout(cond_batch, cells, segments, lifted, traj, scenes)
 
 

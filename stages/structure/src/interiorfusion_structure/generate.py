@@ -98,7 +98,6 @@ def generate_scenes(gen: Generator, batch: Mapping[str, Any], sampling: Sampling
     from interiorfusion_structure.conditions import frozen_features
     from interiorfusion_structure.lifting import cell_values, patch_values
     from interiorfusion_structure.task import lifted_depth
-    from interiorfusion_vae.latents import decode_geometry
 
     sampling = sampling or gen.config.sampling
     model, device = gen.model.eval(), gen.device
@@ -133,13 +132,7 @@ def generate_scenes(gen: Generator, batch: Mapping[str, Any], sampling: Sampling
     o0 = torch.randn(len(o_coords), p**3, generator=g).to(device)
     occ = sample_ode(guided(occ_velocity, guidance), o0, B, sampling.occupancy_steps,
                      gen.config.flow_matching.t_range, sampling.method)
-    grid = unpatchify(occ, B, R, p)
-    occupied = grid > sampling.occupancy_threshold
-    for b in range(B):  # a scene has at least one cell: the most confident
-        if not bool(occupied[b].any()):
-            occupied[b].view(-1)[grid[b].view(-1).argmax()] = True
-    cells = grid_coords(occupied).to(device)
-    counts = torch.bincount(cells[:, 0].long(), minlength=B)
+    cells, counts = occupied_cells(unpatchify(occ, B, R, p), sampling.occupancy_threshold)
     segs = Segments.from_lengths(counts.cpu()).to(device)
 
     # 2. Geometry latents on those cells.
@@ -152,27 +145,52 @@ def generate_scenes(gen: Generator, batch: Mapping[str, Any], sampling: Sampling
     x1 = sample_ode(guided(lat_velocity, guidance), x0, B, sampling.steps, gen.config.flow_matching.t_range,
                     sampling.method)
 
-    # 3. Decode with the VAE's geometry branch (denormalised: the VAE's own latent space).
-    mean, std = gen.stats[N]
-    raw = x1 * std.to(device) + mean.to(device)
-    vae_dtype = next(gen.vae.parameters()).dtype
-    geo = decode_geometry(gen.vae, {"coords": cells, "feats": raw.to(vae_dtype), "num_tokens": counts,
-                                    "latent_resolution": R, "compression": gen.compression})
+    # 3. Decode with the VAE's geometry branch.
+    return decode_scenes(gen.vae, cells, counts, x1, gen.stats[N], gen.compression, N, batch,
+                         {"sampler": sampling.method, "steps": sampling.steps, "cfg_scale": sampling.cfg_scale,
+                          "seed": sampling.seed})
+
+
+def occupied_cells(grid: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """([T, 4] the latent cells (sample, x, y, z) of a sampled occupancy grid [B, R, R, R] above `threshold`, [B]
+    the cells per scene). A scene has at least one cell: its most confident."""
+    occupied = grid > threshold
+    for b in range(len(grid)):
+        if not bool(occupied[b].any()):
+            occupied[b].view(-1)[grid[b].view(-1).argmax()] = True
+    cells = grid_coords(occupied).to(grid.device)
+    return cells, torch.bincount(cells[:, 0].long(), minlength=len(grid))
+
+
+@torch.no_grad()
+def decode_scenes(vae: torch.nn.Module, cells: torch.Tensor, counts: torch.Tensor, latents: torch.Tensor,
+                  stats: tuple[torch.Tensor, torch.Tensor], compression: int, resolution: int,
+                  batch: Mapping[str, Any], meta: Mapping[str, Any]) -> list[GeneratedScene]:
+    """One GeneratedScene per sample of `batch` from its sampled (normalised) geometry `latents` on `cells`:
+    denormalised into the VAE's own latent space and decoded by its geometry branch; `meta` (how they were
+    sampled) goes into every scene's meta beside its key."""
+    from interiorfusion_vae.latents import decode_geometry
+
+    device = latents.device
+    mean, std = stats
+    raw = latents * std.to(device) + mean.to(device)
+    vae_dtype = next(vae.parameters()).dtype
+    geo = decode_geometry(vae, {"coords": cells, "feats": raw.to(vae_dtype), "num_tokens": counts,
+                                "latent_resolution": resolution // compression, "compression": compression})
     keep = geo.occupancy_logits.reshape(-1) > 0
     vox = geo.voxels.coords[keep].cpu()
     classes = (geo.class_logits[keep].argmax(-1).cpu() if geo.class_logits is not None
                else torch.zeros(int(keep.sum()), dtype=torch.long))
     scenes = []
     raw_cpu = raw.float().cpu()
-    for b in range(B):
+    for b in range(len(counts)):
         rows = vox[:, 0] == b
         own = (cells[:, 0] == b).cpu()
         scenes.append(GeneratedScene(
             cells=cells[own.to(cells.device), 1:].cpu().numpy(), latents=raw_cpu[own].numpy(),
-            voxels=vox[rows, 1:].numpy().astype(np.int64), classes=classes[rows].numpy(), resolution=N,
+            voxels=vox[rows, 1:].numpy().astype(np.int64), classes=classes[rows].numpy(), resolution=resolution,
             origin=np.asarray(batch["origin"][b].cpu(), np.float64), cube_size=float(batch["cube_size"][b]),
-            meta={"key": batch["keys"][b] if "keys" in batch else None, "sampler": sampling.method,
-                  "steps": sampling.steps, "cfg_scale": sampling.cfg_scale, "seed": sampling.seed},
+            meta={"key": batch["keys"][b] if "keys" in batch else None, **meta},
         ))
     return scenes
 
