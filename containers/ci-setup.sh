@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Prepare a Debian machine (root) for the container tests and image builds; safe to run again.
 #   1. apt-get install docker.io debootstrap, when dockerd or debootstrap is missing;
-#   2. start the private Docker daemon (containers/dockerd.sh) and print its `export DOCKER_HOST=...` line.
+#   2. start the private Docker daemon (containers/dockerd.sh) and print its `export DOCKER_HOST=...` line;
+#   3. prune what earlier runs left in its data root (untagged images, build cache).
 # Usage in CI:   eval "$(bash containers/ci-setup.sh)"; trap 'containers/dockerd.sh stop' EXIT
 # Skip it all with INTERIORFUSION_NO_DOCKER=1 (the docker tests then skip with a reason).
 set -euo pipefail
@@ -23,3 +24,6 @@ if ((${#need[@]})); then
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >&2
 fi
 "$here/dockerd.sh" start
+# Images and build cache left by earlier runs on this machine: tagged images stay (the build skips them when
+# their inputs match), the rest goes, so repeated runs do not fill the disk.
+"$here/dockerd.sh" prune || true

@@ -5,6 +5,8 @@
 #   containers/dockerd.sh stop     stop the daemon this script started (pid file), wait for it to exit
 #   containers/dockerd.sh status   exit 0 when the socket answers
 #   containers/dockerd.sh env      print `export DOCKER_HOST=unix://...` (use with eval)
+#   containers/dockerd.sh prune    remove untagged images and the BuildKit cache; tagged images stay, and
+#                                  build.py skips an image whose inputs label matches, so nothing is rebuilt
 #
 # The daemon keeps its own data root, exec root and socket under INTERIORFUSION_DOCKERD_DIR
 # (default /var/tmp/interiorfusion-dockerd) and leaves the host's network alone (--iptables=false
@@ -108,13 +110,24 @@ unmount_leftovers() {
     done
 }
 
+prune() {
+    # Every commit rebuilds the images whose project wheels changed; the replaced images and their build
+    # cache (gigabytes each: a torch environment) would otherwise pile up on a machine that keeps this data
+    # root across runs until its disk is full.
+    answers || { echo "dockerd.sh: no dockerd answering on $SOCK" >&2; return 1; }
+    DOCKER_HOST="unix://$SOCK" docker image prune -f >/dev/null
+    DOCKER_HOST="unix://$SOCK" docker builder prune -af >/dev/null 2>&1  # legacy builder: only a deprecation notice
+    echo "dockerd.sh: pruned; $(du -sh "$DIR/data" 2>/dev/null | cut -f1) in $DIR/data" >&2
+}
+
 case "${1:-}" in
 start) start ;;
+prune) prune ;;
 stop) stop ;;
 status) answers ;;
 env) echo "export DOCKER_HOST=unix://$SOCK" ;;
 *)
-    echo "usage: $0 start|stop|status|env" >&2
+    echo "usage: $0 start|stop|status|env|prune" >&2
     exit 2
     ;;
 esac

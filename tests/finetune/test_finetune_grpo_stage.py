@@ -101,7 +101,8 @@ def test_kill_9_mid_iteration_then_rerun_ends_with_the_same_adapters(grpo_smoke:
     out = tmp_path / "grpo"
     cmd = [sys.executable, "-m", "interiorfusion_finetune", "grpo", "--config", str(CONFIG),
            "--input", f"structure={structure_smoke.uri}", "--output", out.as_uri()]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "INTERIORFUSION_PROGRESS": "log",
+    # TMPDIR: the killed run cannot remove its work directory; keep it inside tmp_path.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "INTERIORFUSION_PROGRESS": "log", "TMPDIR": str(tmp_path),
            "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}", "INTERIORFUSION_HOME": str(tmp_path / "h")}
     log = tmp_path / "first.log"
     with log.open("w") as fh:

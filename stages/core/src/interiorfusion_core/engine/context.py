@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import atexit
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -26,7 +28,10 @@ def local_context(
     loaded = LoadedConfig(kind=kind or config.kind or type(config).__name__, model=config, path="<in-memory>")
     store = RecordingStore(open_store(output))
     rank, world = distributed_rank()
-    work = Path(work_dir) if work_dir else Path(tempfile.mkdtemp(prefix="interiorfusion-work-"))
+    if work_dir is None:  # ours: gone when the process ends
+        work_dir = tempfile.mkdtemp(prefix="interiorfusion-work-")
+        atexit.register(shutil.rmtree, work_dir, ignore_errors=True)
+    work = Path(work_dir)
     return StageContext(
         stage=stage, loaded=loaded, inputs={}, output=store, tracker=tracker or NullTracker(), cache_key="local",
         work_dir=work, rank=rank, world_size=world, resumed=store.exists("checkpoints/latest"),
