@@ -150,6 +150,25 @@ class ShardSection(Strict):
     samples_per_shard: PositiveInt = 64
 
 
+class EditsSection(Strict):
+    """Edit pairs (edits.py): for each procedural scene of `splits`, `per_scene` edited copies, each one object
+    moved, removed or added, rendered with the original's cameras and lights in its voxel frame. Stored as the extra
+    splits `edits-<split>`; dataset.json lists the pairs. Imported scans get none (their colours are captured)."""
+
+    per_scene: PositiveInt = 1
+    kinds: list[Literal["move", "remove", "add"]] = Field(default_factory=lambda: ["move", "remove", "add"],
+                                                          min_length=1)
+    splits: list[Literal["train", "val", "test"]] = Field(default_factory=lambda: ["train", "val"], min_length=1)
+    # How far a moved object slides across the floor, metres (a place inside the room, clear of other objects).
+    shift_m: tuple[PositiveFloat, PositiveFloat] = (0.4, 1.2)
+
+    @model_validator(mode="after")
+    def _shift(self) -> EditsSection:
+        if self.shift_m[0] > self.shift_m[1]:
+            raise ValueError(f"shift_m: the minimum {self.shift_m[0]:g} exceeds the maximum {self.shift_m[1]:g}")
+        return self
+
+
 def check_source(source: str, num_scenes: int | None, importer: ImporterSection, procedural: ProceduralSection,
                  voxel: VoxelSection) -> None:
     """The checks of one source (the single-source form's top-level keys, or one `sources` entry): ValueError
@@ -222,6 +241,8 @@ class DataStageConfig(StageConfig):
     shards: ShardSection = Field(default_factory=ShardSection)
     # Worker processes building scenes (0 = in this process). Output bytes do not depend on it.
     num_workers: NonNegativeInt = 0
+    # Edit pairs for the GRPO stage's edit-quality reward (null: none).
+    edits: EditsSection | None = None
     preview_samples: NonNegativeInt = 4
     # The `sources` entries' single-source configs (empty in the single-source form).
     _parts: list[tuple[str, DataStageConfig]] = PrivateAttr(default_factory=list)
@@ -268,6 +289,8 @@ class DataStageConfig(StageConfig):
         # or the single source, without the keys that are null when unused (`sources`, `importer.simulate`), so a
         # config written before they existed keeps its digest and its cached runs.
         data = handler(self)
+        if self.edits is None:
+            data.pop("edits", None)
         if self.sources is None:
             data.pop("sources", None)
             if self.importer.simulate is None and isinstance(data.get("importer"), dict):

@@ -82,6 +82,7 @@ class EncodedSample:
     key: str
     members: dict[str, bytes]
     stats: dict[str, float] = field(default_factory=dict)
+    index: dict[str, Any] = field(default_factory=dict)  # extra entries of its shard-index record (edit pairs)
 
 
 def scene_present(scene: Scene) -> dict[str, bool]:
@@ -96,10 +97,11 @@ def scene_present(scene: Scene) -> dict[str, bool]:
 def encode_sample(key: str, scene: Scene, grids: list[VoxelGrid], cameras: list[Camera],
                   renders: list[RenderOutput], origin: np.ndarray, cube_size: float,
                   png_level: int = 1, lights: np.ndarray | None = None,
-                  frame: dict[str, Any] | None = None) -> EncodedSample:
+                  frame: dict[str, Any] | None = None, edit: dict[str, Any] | None = None) -> EncodedSample:
     """`lights` (L, 4) [x, y, z, intensity], world frame, metres: the point lights the RGB views were shaded
     with (shading.shade_np), stored as meta `lights`; None for a sample whose colours were not shaded by it.
-    `frame`: the voxel frame (frame.VoxelFrame.to_meta), stored as meta `frame`."""
+    `frame`: the voxel frame (frame.VoxelFrame.to_meta), stored as meta `frame`; `edit`: what an edited scene's
+    edit was (edits.py: `of` the original's key, `kind`, `instance`, `class`, `boxes`), stored as meta `edit`."""
     if "." in key or "/" in key:
         raise ValueError(f"sample key {key!r} must not contain '.' or '/'")
     if any(g.labels is None or g.instances is None for g in grids):
@@ -124,6 +126,8 @@ def encode_sample(key: str, scene: Scene, grids: list[VoxelGrid], cameras: list[
         meta["lights"] = [[float(v) for v in light] for light in np.asarray(lights, np.float64).reshape(-1, 4)]
     if frame is not None:
         meta["frame"] = frame  # the voxel frame (frame.VoxelFrame.to_meta): kind, up, floor_z, floor_height
+    if edit is not None:
+        meta["edit"] = edit
     members["meta.json"] = json_bytes(meta)
     members["layout.json"] = json_bytes(layout_json(scene))
     members["layout.txt"] = spatiallm_text(scene).encode()

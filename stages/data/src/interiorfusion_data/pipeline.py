@@ -23,8 +23,9 @@ from tqdm import tqdm
 from interiorfusion_core.errors import UserError
 from interiorfusion_core.storage import ArtifactStore, open_store
 from interiorfusion_data.config import DataStageConfig
+from interiorfusion_data.edits import edit_rng, edit_scene
 from interiorfusion_data.format import DATASET_FORMAT, INDEX_FORMAT, EncodedSample, encode_sample, json_bytes
-from interiorfusion_data.frame import fit_frame, metric_frame
+from interiorfusion_data.frame import VoxelFrame, fit_frame, metric_frame
 from interiorfusion_data.procedural import ProceduralOptions, generate_scene
 from interiorfusion_data.render import orbit_cameras, place_cameras, render, scale_camera, scene_lights
 from interiorfusion_data.scene import CLASSES, Scene
@@ -62,13 +63,21 @@ def scene_cameras(scene: Scene, cfg: DataStageConfig, rng: np.random.Generator) 
     return place_cameras(scene, rng, r.views, r.image_size, tuple(r.fov_deg))
 
 
-def build_sample(scene: Scene, cfg: DataStageConfig, index: int) -> EncodedSample:
-    """Voxelise at the finest resolution (coarser levels by exact downsampling), render every view, encode."""
-    t0 = time.perf_counter()
+def sample_frame(scene: Scene, cfg: DataStageConfig) -> VoxelFrame:
     lo, hi = scene.bounds()
     v = cfg.voxel
-    frame = (fit_frame(lo, hi, v.margin) if v.cube_size == "fit"
-             else metric_frame(lo, hi, v.cube_size, v.floor_height, v.margin, scene.name))
+    return (fit_frame(lo, hi, v.margin) if v.cube_size == "fit"
+            else metric_frame(lo, hi, v.cube_size, v.floor_height, v.margin, scene.name))
+
+
+def build_sample(scene: Scene, cfg: DataStageConfig, index: int, *, frame: VoxelFrame | None = None,
+                 cameras: list | None = None, lights: np.ndarray | None = None,
+                 edit: dict[str, Any] | None = None) -> EncodedSample:
+    """Voxelise at the finest resolution (coarser levels by exact downsampling), render every view, encode.
+    `frame`, `cameras`, `lights`: given instead of derived from the scene (an edited scene keeps its original's);
+    `edit`: the edit record stored in the sample's meta."""
+    t0 = time.perf_counter()
+    frame = frame if frame is not None else sample_frame(scene, cfg)
     origin, side = frame.origin, frame.cube_size
     attrs = scene_face_attrs(scene.face_material, scene.face_normals())
     res = cfg.voxel.resolutions
@@ -83,9 +92,9 @@ def build_sample(scene: Scene, cfg: DataStageConfig, index: int) -> EncodedSampl
             c, a, lab, inst = downsample_labeled(fine.coords, fine.attrs, finest // r, fine.labels, fine.instances)
             grids.append(VoxelGrid(c, a, r, origin, side / r, lab, inst))
     t1 = time.perf_counter()
-    cams = scene_cameras(scene, cfg, camera_rng(cfg.seed, index))
+    cams = cameras if cameras is not None else scene_cameras(scene, cfg, camera_rng(cfg.seed, index))
     normals = scene.face_normals()
-    lights = scene_lights(scene)
+    lights = lights if lights is not None else scene_lights(scene)
     renders = [render(scene, cam, normals, lights) for cam in cams]
     if scene.frames:
         # Captured colour and depth replace the renders'; normal/semantic/instance stay rendered from the mesh.
@@ -93,7 +102,7 @@ def build_sample(scene: Scene, cfg: DataStageConfig, index: int) -> EncodedSampl
         lights = None
     t2 = time.perf_counter()
     sample = encode_sample(scene.name, scene, grids, cams, renders, origin, side, cfg.render.png_compress_level,
-                           lights=lights, frame=frame.to_meta())
+                           lights=lights, frame=frame.to_meta(), edit=edit)
     t3 = time.perf_counter()
     sample.stats.update(t_voxelize=t1 - t0, t_render=t2 - t1, t_encode=t3 - t2)
     return sample
@@ -215,12 +224,52 @@ def _init_worker(cfg_json: dict[str, Any], import_roots: list[str | None]) -> No
     _WORKER["source"] = SceneSource(cfg, [Path(r) if r else None for r in import_roots])
 
 
-def _build_in_worker(index: int) -> EncodedSample:
+def _build_in_worker(index: int) -> EncodedSample | None:
+    if index >= EDIT_BASE:
+        return _build_edit(*divmod(index - EDIT_BASE, EDIT_STRIDE))
     t0 = time.perf_counter()
     source: SceneSource = _WORKER["source"]
     scene = source.scene(index)
     t1 = time.perf_counter()
     sample = build_sample(scene, source.config(index), index)
+    sample.stats["t_generate"] = t1 - t0
+    return sample
+
+
+# Edit tasks share the build stream with scenes: task EDIT_BASE + index·EDIT_STRIDE + k is edit k of scene `index`.
+EDIT_BASE = 1 << 48
+EDIT_STRIDE = 1 << 12
+
+
+def edit_task(index: int, k: int) -> int:
+    return EDIT_BASE + index * EDIT_STRIDE + k
+
+
+def edit_key(original_key: str, k: int) -> str:
+    return f"{original_key}-edit{k}"
+
+
+def _build_edit(index: int, k: int) -> EncodedSample | None:
+    """Edit k of scene `index` in the original's frame, cameras and lights; None when the scene has nothing to edit
+    (the shard records the planned count, so a resume does not take the missing sample for an unfinished shard)."""
+    t0 = time.perf_counter()
+    source: SceneSource = _WORKER["source"]
+    cfg = source.config(index)
+    edits = cfg.edits
+    assert edits is not None
+    scene = source.scene(index)
+    edit = edit_scene(scene, edit_rng(cfg.seed, index, k), tuple(edits.kinds), tuple(edits.shift_m))
+    if edit is None:
+        return None
+    key = edit_key(scene.name, k)
+    edit.scene.name = key
+    record = {"of": scene.name, "kind": edit.kind, "instance": edit.instance, "class": edit.label,
+              "boxes": np.round(edit.boxes, 6).tolist()}
+    t1 = time.perf_counter()
+    sample = build_sample(edit.scene, cfg, index, frame=sample_frame(scene, cfg),
+                          cameras=scene_cameras(scene, cfg, camera_rng(cfg.seed, index)), lights=scene_lights(scene),
+                          edit=record)
+    sample.index = {"pairs": edit.pairs(scene.name, key, tuple(edits.kinds))}
     sample.stats["t_generate"] = t1 - t0
     return sample
 
@@ -264,6 +313,23 @@ def plan_shards(n: int, cfg: DataStageConfig) -> list[ShardPlan]:
         for k in range(0, len(chosen), per):
             plans.append(ShardPlan(split, k // per, chosen[k:k + per]))
     return plans
+
+
+def edit_split(split: str) -> str:
+    return f"edits-{split}"
+
+
+def plan_edit_shards(plans: list[ShardPlan], source: SceneSource, cfg: DataStageConfig) -> list[ShardPlan]:
+    """The shards of edited scenes (`edits-<split>`): edits.per_scene of every procedural scene of edits.splits."""
+    if cfg.edits is None:
+        return []
+    out = []
+    for split in cfg.edits.splits:
+        tasks = [edit_task(i, k) for p in plans if p.split == split for i in p.indices
+                 if source.config(i).source == "procedural" for k in range(cfg.edits.per_scene)]
+        per = cfg.shards.samples_per_shard
+        out += [ShardPlan(edit_split(split), k // per, tasks[k:k + per]) for k in range(0, len(tasks), per)]
+    return out
 
 
 @dataclass
@@ -319,7 +385,9 @@ def write_dataset(
     if source.count == 0:
         raise UserError("the data source yielded no scenes")
     plans = plan_shards(source.count, cfg)
+    plans += plan_edit_shards(plans, source, cfg)
     splits: dict[str, dict[str, Any]] = {s: {"num_samples": 0, "shards": []} for s in SPLITS}
+    splits |= {p.split: {"num_samples": 0, "shards": []} for p in plans}
     totals: dict[str, float] = {}
     built = adopted = 0
     adopt = getattr(store, "adopt", None)
@@ -331,7 +399,8 @@ def write_dataset(
         # cache key), so a shard whose index exists with the planned sample count is complete.
         if resumed and store.exists(plan.index_key) and store.exists(plan.key):
             idx = store.get_json(plan.index_key)
-            if idx.get("format") == INDEX_FORMAT and len(idx.get("samples", [])) == len(plan.indices):
+            planned = idx.get("planned", len(idx.get("samples", [])))  # edit shards: some scenes have no edit
+            if idx.get("format") == INDEX_FORMAT and planned == len(plan.indices):
                 if adopt is not None:
                     adopt(plan.key)
                     adopt(plan.index_key)
@@ -349,11 +418,15 @@ def write_dataset(
         shard_stats: dict[str, float] = {}
         for _ in plan.indices:
             sample = next(stream)
-            writer.add(sample)
             progress.update(1)
+            if sample is None:  # an edit of a scene with no movable object
+                continue
+            writer.add(sample)
             for k, v in sample.stats.items():
                 shard_stats[k] = shard_stats.get(k, 0.0) + v
         idx = writer.close()
+        if plan.split not in SPLITS:
+            idx["planned"] = len(plan.indices)
         store.put_file(plan.key, tmp)
         tmp.unlink(missing_ok=True)
         # The index goes second: its presence marks the shard complete (resume relies on it).
@@ -371,6 +444,11 @@ def write_dataset(
                  "size": idx["size"], "sha256": idx["sha256"]}
         splits[plan.split]["shards"].append(entry)
         splits[plan.split]["num_samples"] += entry["num_samples"]
+    pairs: dict[str, list[dict[str, Any]]] = {}
+    for plan in plans:
+        if plan.split not in SPLITS:
+            split = plan.split.removeprefix("edits-")
+            pairs.setdefault(split, []).extend(p for s in indexes[plan.key]["samples"] for p in s.get("pairs", []))
     dataset = {
         "format": DATASET_FORMAT, "name": cfg.dataset, "source": "+".join(p.cfg.source for p in source.parts),
         "sources": [{"source": p.cfg.source, "key_prefix": p.prefix, "num_scenes": p.count, "simulated": p.simulated}
@@ -379,6 +457,10 @@ def write_dataset(
         "classes": list(CLASSES), "channels": list(CHANNELS), "resolutions": cfg.voxel.resolutions,
         "views": cfg.render.views, "image_size": cfg.render.image_size, "splits": splits,
     }
+    if cfg.edits is not None:
+        # Edit pairs per split: `before` / `after` name samples of `<split>` or `edits-<split>` (edits.py).
+        dataset["edits"] = {split: {"num_pairs": len(pairs.get(split, [])), "pairs": pairs.get(split, [])}
+                            for split in cfg.edits.splits}
     store.put_bytes("dataset.json", json_bytes(dataset) + b"\n")
     n_built = sum(len(p.indices) for p in todo)
     metrics = {
@@ -388,6 +470,10 @@ def write_dataset(
         "test_samples": float(splits["test"]["num_samples"]),
         "bytes_total": float(sum(s["size"] for sp in splits.values() for s in sp["shards"])),
     }
+    if cfg.edits is not None:
+        metrics["edit_samples"] = float(sum(splits[edit_split(s)]["num_samples"] for s in cfg.edits.splits
+                                            if edit_split(s) in splits))
+        metrics["edit_pairs"] = float(sum(len(v) for v in pairs.values()))
     for p in source.parts:
         metrics[f"scenes_{p.cfg.source}"] = metrics.get(f"scenes_{p.cfg.source}", 0.0) + p.count
     if n_built:

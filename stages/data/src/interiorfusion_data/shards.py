@@ -81,7 +81,7 @@ class ShardWriter:
         self._f.write(data)
         self._sha.update(data)
         self.samples.append({"key": sample.key, "offset": self._offset, "size": len(data),
-                             "sha256": hashlib.sha256(data).hexdigest()})
+                             "sha256": hashlib.sha256(data).hexdigest(), **sample.index})
         self._offset += len(data)
 
     def close(self) -> dict[str, Any]:
