@@ -58,6 +58,9 @@ def test_kl_starts_at_zero_and_stays_bounded_against_the_same_iterations_at_lr_z
     assert 0.0 < a["kl_max"] < 1.0  # bounded (nats per dimension)
     assert b["kl_max"] < 1e-12  # lr ≈ 0: the policy never leaves its reference
     assert a["iterations_recorded"] == b["iterations_recorded"] == 10
+    # Every third iteration samples the smoke data's edit pairs and scores edit_quality, in both runs alike.
+    assert a["edit_iterations"] == b["edit_iterations"] == 3
+    assert 0.0 <= a["edit_quality_mean"] <= 1.0
     assert b["heldout_reward"] == pytest.approx(b["heldout_base_reward"], abs=1e-6)
 
 
@@ -75,6 +78,9 @@ def test_outputs_are_adapters_and_merged_weights_that_generate_loads(grpo_smoke:
     base = load_generator(structure_smoke.uri).model.state_dict()
     changed = {k for k, v in merged.items() if not torch.equal(v, base[k])}
     assert changed and all(k.startswith("latent.") for k in changed)
+    curve = json.loads((out / "curve.json").read_text())["iterations"]
+    assert [r["step"] for r in curve if "reward_edit_quality" in r] == [3, 6, 9]
+    assert all(r["edit_iteration"] == (r["step"] % 3 == 0) for r in curve)
     report = json.loads((out / "eval.json").read_text())
     assert report["samples"] >= 1 and np.isfinite(report["metrics"]["reward"])
     assert np.isfinite(report["metrics"]["base_reward"])

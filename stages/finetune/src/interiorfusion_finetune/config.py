@@ -161,6 +161,10 @@ class RLConfig(Strict):
     timestep_fraction: float = Field(default=1.0, gt=0, le=1)
     # Rank 0 logs a render of the iteration's best rollout every this many iterations (0: never).
     log_renders_every: NonNegativeInt = 10
+    # Every this many iterations the conditions are edit pairs' `after` views and edit_quality joins the reward
+    # (0: never). The pairs come from the `data` input, else from the conditions' own dataset; either must have
+    # been written with the data stage's `edits:`.
+    edit_every: NonNegativeInt = 0
 
     @model_validator(mode="after")
     def _vggt_options(self) -> RLConfig:
@@ -168,6 +172,9 @@ class RLConfig(Strict):
         if self.vggt_random_init and self.pose_estimator != "vggt":
             raise ValueError("rl.vggt_random_init is true but rl.pose_estimator is not vggt; drop it or set "
                              "rl.pose_estimator: vggt")
+        if self.edit_every and self.reward_weights.edit_quality == 0:
+            raise ValueError("rl.edit_every is set but rl.reward_weights.edit_quality is 0: the edit iterations "
+                             "would score nothing new; give it a weight or set rl.edit_every: 0")
         return self
 
     @property
@@ -205,7 +212,8 @@ class RLFinetuneConfig(TrainableStageConfig):
         # The prompts: the LoRA run's real scans when `lora` is wired (and its merged weights are the start),
         # else the structure run's own training rooms.
         name="grpo", config_kind="rl_finetune", inputs={"structure": "structure"},
-        optional_inputs={"lora": "lora"},
+        # `data`: the dataset whose edit pairs the edit iterations use (rl.edit_every; default: the conditions').
+        optional_inputs={"lora": "lora", "data": "data"},
         description="GRPO reinforcement fine-tuning with geometric rewards",
     )
     signature: ClassVar[tuple[str, ...]] = ("rl",)

@@ -19,6 +19,7 @@ conditions). Outputs: `adapters/structure/` (peft), `merged/structure.safetensor
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
@@ -40,9 +41,10 @@ from interiorfusion_core.stage import StageInput
 from interiorfusion_core.storage import open_store
 from interiorfusion_finetune.adapters import adapters_disabled, wrap
 from interiorfusion_finetune.config import LoRAConfig, RLFinetuneConfig
+from interiorfusion_finetune.edit_batches import EditBatch, EditPairs
 from interiorfusion_finetune.grpo import clipped_policy_loss, gaussian_kl, group_advantages
 from interiorfusion_finetune.lora_stage import load_tuned, write_tuned_structure
-from interiorfusion_finetune.rewards import REWARDS, RewardModel, View
+from interiorfusion_finetune.rewards import REWARDS, EditPair, RewardModel, View
 from interiorfusion_finetune.rollout import Rollout, latent_velocity, sample_rollouts
 from interiorfusion_finetune.sde import gaussian_log_prob, sde_std, step_mean
 from interiorfusion_structure.generate import Generator, generate_scenes, load_generator, scene_preview
@@ -104,9 +106,11 @@ class GRPOTask(TrainTask):
     partition_at_init = False  # base weights loaded whole; peft's zero B written into its own tensors
 
     def __init__(self, ctx: StageContext, config: RLFinetuneConfig, base: Generator, conditions: Any,
-                 data_uri: str | None, start: Mapping[str, torch.Tensor] | None):
+                 data_uri: str | None, start: Mapping[str, torch.Tensor] | None, edits_uri: str | None = None):
         self.ctx, self.config, self.base = ctx, config, base
         self.conditions, self.data_uri, self.start = conditions, data_uri, start
+        self.edits_uri = edits_uri  # the edit pairs' dataset (None: the conditions' own)
+        self.edits: EditPairs | None = None
         self.resolution = base.resolution
         # The base's normalisation, also for a LoRA run's scans (it encoded them with the base's statistics).
         self.stats = base.stats[self.resolution]
@@ -119,6 +123,10 @@ class GRPOTask(TrainTask):
             raise UserError("rl.policy: full is refused under DeepSpeed ZeRO-3 (full-model GRPO hangs there); use "
                             "rl.policy: lora, or a ZeRO-0/1/2 or DDP launcher config")
         self.rewards = RewardModel(rl, device=str(runtime.device))
+        if rl.edit_every:
+            uri = self.edits_uri or StructureData(self.conditions, "train", self.resolution, self.data_uri).data.uri
+            self.edits = EditPairs(uri)
+            log.info("grpo: every %d. iteration samples %d edit pairs of %s", rl.edit_every, len(self.edits), uri)
 
     def starting_model(self) -> StructureModel:
         """A fresh StructureModel with the starting weights (the LoRA run's merged ones, else the base's)."""
@@ -163,14 +171,17 @@ class GRPOTask(TrainTask):
         cfg, rl = self.config, self.config.rl
         module = step.module
         module.eval()  # no condition dropout: the rollout's and the update's velocities are the same function
-        batch = step.next_batch()
+        seed = _stream(cfg.training.seed, step.step, step.rank, step.micro)
+        edit = self.edit_batch(step, seed) if self.is_edit_iteration(step.step) else None
+        batch = step.next_batch() if edit is None else self.to_device(edit.after, step.device)
         B = len(batch["rgb"])
-        gen = torch.Generator().manual_seed(_stream(cfg.training.seed, step.step, step.rank, step.micro))
+        gen = torch.Generator().manual_seed(seed)
         rollout = sample_rollouts(module, self.frozen["vae"], self.encoders(), self.base.config, self.stats,
                                   self.base.compression, self.resolution, batch, rl.sampling_steps,
                                   rl.sde_noise_level, gen, group=rl.group_size)
         assert self.rewards is not None
-        results = self.rewards.batch(rollout.scenes, batch)
+        pairs = None if edit is None else self.edit_pairs(step, edit, rollout, seed)
+        results = self.rewards.batch(rollout.scenes, batch, pairs)
         totals = torch.tensor([r.total for r in results], dtype=torch.float64)
         groups = torch.arange(B) // rl.group_size
         adv = group_advantages(totals, groups, rl.advantage_std)
@@ -183,7 +194,15 @@ class GRPOTask(TrainTask):
                "skipped_groups": torch.tensor(float(adv.skipped_groups))}
         for name in self.logged_rewards():
             out[f"reward_{name}"] = torch.tensor(float(np.mean([r.values.get(name, np.nan) for r in results])))
-        self.curve.append({"step": step.step, **{k: float(v) for k, v in out.items()}})
+        out["edit_iteration"] = torch.tensor(float(edit is not None))
+        row = {"step": step.step, **{k: float(v) for k, v in out.items()}}
+        if edit is not None:
+            # Only edit iterations have it, so it is logged here, not averaged into the trainer's window.
+            row["reward_edit_quality"] = float(np.mean([r.values["edit_quality"] for r in results]))
+            if step.rank == 0 and step.micro == 0:
+                self.ctx.tracker.log_metrics({"train/reward_edit_quality": row["reward_edit_quality"]},
+                                             step=step.step)
+        self.curve.append(row)
         if step.rank == 0 and rl.log_renders_every and step.step % rl.log_renders_every == 0 and step.micro == 0:
             best = int(torch.argmax(totals))
             self.ctx.tracker.log_image(scene_preview(rollout.scenes[best], batch, best),
@@ -192,9 +211,37 @@ class GRPOTask(TrainTask):
 
     def logged_rewards(self) -> list[str]:
         """The rewards every rollout gets (the same keys every iteration): those with a weight, less edit_quality
-        (no edit pairs are sampled in this version)."""
+        (edit iterations only; logged on its own)."""
         weights = self.config.rl.reward_weights.model_dump()
         return [n for n in REWARDS if weights[n] > 0 and n != "edit_quality"]
+
+    # ---- edit iterations
+    def is_edit_iteration(self, iteration: int) -> bool:
+        every = self.config.rl.edit_every
+        return self.edits is not None and every > 0 and iteration % every == 0
+
+    def edit_batch(self, step: StepContext, seed: int) -> EditBatch:
+        """This iteration's edit pairs: drawn from (seed, iteration, rank) like the rollouts, so a resumed run
+        repeats them; the conditions' loader is not advanced."""
+        assert self.edits is not None
+        rng = np.random.default_rng(np.random.SeedSequence([seed, 0xED17]))
+        return self.edits.batch(rng, self.config.training.batch_size, self.config.rl.group_size, self.resolution,
+                                self.base.compression)
+
+    @torch.no_grad()
+    def edit_pairs(self, step: StepContext, edit: EditBatch, rollout: Rollout, seed: int) -> list[EditPair]:
+        """Each rollout against the reference policy's scene from its pair's `before` conditions: the ODE (noise
+        level 0) from the same starting noise as the group's occupancy, so outside the edit the two scenes differ
+        only as far as the policy makes them."""
+        rl = self.config.rl
+        before = self.to_device(edit.before, step.device)
+        reference = self.frozen["reference"] if rl.policy == "full" else step.module
+        with adapters_disabled(step.module) if rl.policy == "lora" else contextlib.nullcontext():
+            ref = sample_rollouts(reference, self.frozen["vae"], self.encoders(), self.base.config, self.stats,
+                                  self.base.compression, self.resolution, before, rl.sampling_steps, 0.0,
+                                  torch.Generator().manual_seed(seed), group=1)
+        G = rl.group_size
+        return [EditPair(ref.scenes[b // G], scene, edit.boxes[b // G]) for b, scene in enumerate(rollout.scenes)]
 
     def _objective(self, step: StepContext, rollout: Rollout, advantages: torch.Tensor, keep: torch.Tensor,
                    gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -254,7 +301,8 @@ class GRPOStage(Stage):
         structure_uri = ctx.inputs["structure"].uri
         base = load_generator(structure_uri, "cpu", Path(ctx.work_dir))
         conditions, data_uri, start = _conditions(ctx, base)
-        task = GRPOTask(ctx, config, base, conditions, data_uri, start)
+        edits_uri = ctx.inputs["data"].uri if "data" in ctx.inputs else None
+        task = GRPOTask(ctx, config, base, conditions, data_uri, start, edits_uri)
         trainer = Trainer(ctx, task)
         result = trainer.fit()
         rt = trainer.rt
@@ -285,9 +333,15 @@ def curve_summary(curve: list[dict[str, float]]) -> dict[str, float]:
     reward = [float(np.mean([r["reward"] for r in by_step[s]])) for s in steps]
     kl = [float(np.mean([r["kl"] for r in by_step[s]])) for s in steps]
     half = reward[len(reward) // 2:]
-    return {"reward_first": reward[0], "reward_last": reward[-1], "reward_mean": float(np.mean(reward)),
-            "reward_last_half": float(np.mean(half)), "kl_first": kl[0], "kl_max": float(max(kl)),
-            "iterations_recorded": float(len(steps))}
+    out = {"reward_first": reward[0], "reward_last": reward[-1], "reward_mean": float(np.mean(reward)),
+           "reward_last_half": float(np.mean(half)), "kl_first": kl[0], "kl_max": float(max(kl)),
+           "iterations_recorded": float(len(steps))}
+    edits = [float(np.mean([r["reward_edit_quality"] for r in by_step[s]])) for s in steps
+             if "reward_edit_quality" in by_step[s][0]]
+    if edits:
+        out |= {"edit_iterations": float(len(edits)), "edit_quality_first": edits[0], "edit_quality_last": edits[-1],
+                "edit_quality_mean": float(np.mean(edits))}
+    return out
 
 
 def _conditions(ctx: StageContext, base: Generator) -> tuple[Any, str | None, dict[str, torch.Tensor] | None]:
