@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parents[2]
 SMOKE = REPO / "configs" / "smoke" / "data.yaml"
 # Smaller than smoke for the tests that only need the mechanics.
 TINY = ["num_scenes=4", "render.views=1", "render.image_size=32", "voxel.resolutions=[32]", "preview_samples=1",
-        "shards.samples_per_shard=1"]
+        "shards.samples_per_shard=1", "edits=null"]
 
 
 @pytest.fixture(autouse=True)

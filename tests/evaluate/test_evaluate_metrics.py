@@ -12,6 +12,12 @@ import numpy as np
 import pytest
 import shapely
 import torch
+from scipy import ndimage
+from scipy.spatial.distance import cdist
+from shapely.geometry import Polygon
+from skimage.metrics import structural_similarity
+
+from interiorfusion_data.scene import CLASS_ID
 from interiorfusion_evaluate.metrics import (
     DEFAULT_NUM_POINTS,
     DETECTION_CLASSES,
@@ -46,12 +52,6 @@ from interiorfusion_evaluate.metrics import (
     ssim,
     surface_metrics,
 )
-from scipy import ndimage
-from scipy.spatial.distance import cdist
-from shapely.geometry import Polygon
-from skimage.metrics import structural_similarity
-
-from interiorfusion_data.scene import CLASS_ID
 from interiorfusion_structure.generate import GeneratedScene
 
 FLOOR, WALL, CEILING, CHAIR, TABLE, LAMP, DOOR = (CLASS_ID[c] for c in
