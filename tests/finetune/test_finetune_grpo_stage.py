@@ -52,7 +52,8 @@ def test_kl_starts_at_zero_and_stays_bounded_against_the_same_iterations_at_lr_z
     a, b = tuned.manifest.metrics, frozen.manifest.metrics
     print(f"\nGRPO smoke: mean reward {a['reward_mean']:.4f} vs lr 0 {b['reward_mean']:.4f}; last-half "
           f"{a['reward_last_half']:.4f} vs {b['reward_last_half']:.4f}; held-out (ODE) {a['heldout_reward']:.4f} vs "
-          f"base {a['heldout_base_reward']:.4f}; KL max {a['kl_max']:.2e}")
+          f"base {a['heldout_base_reward']:.4f}; training prompts (ODE) {a['train_reward']:.4f} vs base "
+          f"{a['train_base_reward']:.4f}; KL max {a['kl_max']:.2e}")
     assert a["reward_first"] == b["reward_first"]  # the same rollouts until the policy moves
     assert a["kl_first"] == 0.0  # fresh adapters: the policy is its reference
     assert 0.0 < a["kl_max"] < 1.0  # bounded (nats per dimension)
@@ -62,6 +63,9 @@ def test_kl_starts_at_zero_and_stays_bounded_against_the_same_iterations_at_lr_z
     assert a["edit_iterations"] == b["edit_iterations"] == 3
     assert 0.0 <= a["edit_quality_mean"] <= 1.0
     assert b["heldout_reward"] == pytest.approx(b["heldout_base_reward"], abs=1e-6)
+    # The training prompts' ODE reward: the base scores them alike in both runs; at lr ≈ 0 tuned is the base.
+    assert a["train_base_reward"] == pytest.approx(b["train_base_reward"], abs=1e-6)
+    assert b["train_reward"] == pytest.approx(b["train_base_reward"], abs=1e-6)
 
 
 def test_outputs_are_adapters_and_merged_weights_that_generate_loads(grpo_smoke: RunOutcome,

@@ -316,8 +316,12 @@ class GRPOStage(Stage):
             outputs["curve"] = "curve.json"
             if report is not None:
                 ctx.output.put_json("eval.json", report)
-                metrics |= {f"heldout_{k}": v for k, v in report["metrics"].items()}
-                ctx.tracker.log_metrics({f"heldout/{k}": v for k, v in report["metrics"].items()}, step=result.step)
+                # held-out: heldout_reward, heldout_base_reward; the training prompts: train_reward, ...
+                named = {(k if k.startswith("train_") else f"heldout_{k}"): v for k, v in report["metrics"].items()}
+                metrics |= named
+                # (not train/…: that is the rollouts' reward per iteration)
+                ctx.tracker.log_metrics({(f"train_prompts/{k[6:]}" if k.startswith("train_") else
+                                          k.replace("_", "/", 1)): v for k, v in named.items()}, step=result.step)
         return StageResult(metrics=metrics, outputs=outputs)
 
 
@@ -373,13 +377,18 @@ def held_out_rewards(model: nn.Module, task: GRPOTask, device: torch.device) -> 
     rows: list[dict[str, Any]] = []
     previews: list[bytes] = []
     remaining = cfg.eval.samples
-    for split in cfg.eval.splits:
+    # The training prompts first (their own budget), then the held-out splits (sharing eval.samples).
+    plan = [("train", cfg.eval.train_samples, True)] + [(s, None, False) for s in cfg.eval.splits]
+    for split, budget, trained in plan:
         try:
             data = StructureData(task.conditions, split, task.resolution, task.data_uri)
         except UserError:
             continue
-        n = min(len(data), remaining)
-        remaining -= n
+        if trained:
+            n = min(len(data), budget)
+        else:
+            n = min(len(data), remaining)
+            remaining -= n
         for i in range(n):
             batch = batch_to_device(data.collate([data.sample(i)]), device)
             tuned_scene = generate_scenes(gen, batch)[0]
@@ -392,17 +401,24 @@ def held_out_rewards(model: nn.Module, task: GRPOTask, device: torch.device) -> 
                 base_scene = generate_scenes(ref, batch)[0]
             view = View.from_batch(batch, 0)
             tuned, base = task.rewards(tuned_scene, view), task.rewards(base_scene, view)
-            if len(previews) < 2:  # tuned above, base below
+            if len(previews) < 2 and not trained:  # tuned above, base below
                 previews += [scene_preview(tuned_scene, batch, 0), scene_preview(base_scene, batch, 0)]
-            rows.append({"key": batch["keys"][0], "split": split, "reward": tuned.total, "base_reward": base.total,
-                         "values": tuned.values, "base_values": base.values})
+            rows.append({"key": batch["keys"][0], "split": split, "trained": trained, "reward": tuned.total,
+                         "base_reward": base.total, "values": tuned.values, "base_values": base.values})
+    held = [r for r in rows if not r["trained"]]
+    seen = [r for r in rows if r["trained"]]
     if not rows:
         return None
     if previews and task.ctx.rank == 0:
         task.ctx.tracker.log_image(stack_pngs(previews), "grpo_heldout.png")
-    metrics = {"reward": float(np.mean([r["reward"] for r in rows])),
-               "base_reward": float(np.mean([r["base_reward"] for r in rows]))}
-    return {"samples": len(rows), "sampler": "ode", "metrics": metrics, "records": rows}
+    metrics: dict[str, float] = {}
+    if held:
+        metrics |= {"reward": float(np.mean([r["reward"] for r in held])),
+                    "base_reward": float(np.mean([r["base_reward"] for r in held]))}
+    if seen:
+        metrics |= {"train_reward": float(np.mean([r["reward"] for r in seen])),
+                    "train_base_reward": float(np.mean([r["base_reward"] for r in seen]))}
+    return {"samples": len(held), "train_samples": len(seen), "sampler": "ode", "metrics": metrics, "records": rows}
 
 
 __all__ = ["GRPOStage", "GRPOTask", "GroupedConditions", "held_out_rewards"]
