@@ -320,6 +320,7 @@ class Evaluator:
                 records.append(self.score(i, batch, b, {m: p[b] for m, p in preds.items()}))
         return records
 
+    @torch.no_grad()  # decode_materials keeps the material branch's graph for training; nothing here learns
     def predictions(self, batch: Mapping[str, Any], chunk: Sequence[int]) -> dict[str, list[Scored]]:
         """Per method, one prediction per sample of `batch`."""
         from interiorfusion_structure.generate import decode_scenes, generate_scenes
