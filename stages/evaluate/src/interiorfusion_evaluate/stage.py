@@ -532,6 +532,8 @@ def report_markdown(report: Mapping[str, Any], previews: Mapping[str, str]) -> s
         cells = [_fmt(m.get(k, {}).get(name), name) for k in METHODS]
         target = f"{'>' if t.higher_is_better else '<'} {t.threshold:g}{(' ' + t.unit) if t.unit else ''}"
         verdict = "pass" if g is not None and passes(name, g) else "fail"
+        if name == "lpips" and not report["lpips_calibrated"]:
+            verdict = f"{verdict} (uncalibrated)"  # a random backbone's LPIPS says nothing about the target
         lines.append(f"| {name} | {' | '.join(cells)} | {target} | {verdict} |")
     lines += ["", "Chamfer in m², F-score at τ = "
               f"{report['fscore_tau']:g} m, mAP@{MAP_IOU:g} pooled over scenes, the rest the mean over scenes "
