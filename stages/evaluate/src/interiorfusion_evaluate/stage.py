@@ -87,7 +87,9 @@ class EvaluateStage(Stage):
         data_uri = ctx.inputs["data"].uri if "data" in ctx.inputs else None
         held, split, notes = open_held_out(latents_uri, cfg, gen.resolution, data_uri)
         material = load_material(ctx, latents_uri, device)
-        lpips_net = build_lpips(cfg.lpips_weights, cfg.lpips_network).to(device)
+        with torch.random.fork_rng(devices=[]):  # a random-init backbone (smoke) is then the same every run
+            torch.manual_seed(cfg.seed)
+            lpips_net = build_lpips(cfg.lpips_weights, cfg.lpips_network).to(device)
         baseline = (None if cfg.baseline == "none" else
                     Baseline(cfg, latents_uri, gen, data_uri))
         if material is None:
@@ -311,7 +313,9 @@ class Evaluator:
 
         held, n = self.held, min(len(self.held), self.cfg.samples)
         records: list[dict[str, Any]] = []
-        step = 4  # samples generated together (one ODE over the batch)
+        # One scene per ODE: the sampler draws its noise for the whole batch, so a scene generated beside others
+        # would change with `samples` and the split's order; alone it depends on its condition and the seed only.
+        step = 1
         for start in track(range(0, n, step), description="evaluate", transient=True):
             chunk = list(range(start, min(start + step, n)))
             batch = batch_to_device(held.collate([held.sample(i) for i in chunk]), self.gen.device)
