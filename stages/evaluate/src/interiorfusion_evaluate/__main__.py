@@ -1,0 +1,3 @@
+from interiorfusion_core.cli import module_main
+
+module_main("evaluate")
