@@ -506,7 +506,7 @@ def write_previews(ctx: StageContext, ev: Evaluator, records: list[dict[str, Any
         sheet.save(buf, format="PNG")
         key = f"previews/{label}-{rec['key']}.png"
         ctx.output.put_bytes(key, buf.getvalue())
-        ctx.tracker.log_image(buf.getvalue(), f"evaluate/{label}.png")
+        ctx.tracker.log_image(buf.getvalue(), f"evaluate_{label}.png")  # images/evaluate_best.png, ...
         out[label] = key
     return out
 
