@@ -50,6 +50,7 @@ from interiorfusion_evaluate.metrics import (
     ssim,
     surface_metrics,
 )
+from interiorfusion_structure.conditions import retrieval_feature
 from interiorfusion_structure.generate import STRUCTURE_SOURCES, GeneratedScene, Generator
 
 log = logging.getLogger("interiorfusion_evaluate")
@@ -250,7 +251,8 @@ class Baseline:
             self.scenes.append((coords, np.zeros(len(coords), np.int64) if labels is None
                                 else np.asarray(labels, np.int64), np.asarray(s["feats"], np.float64)))
             if self.kind == "nearest":
-                feats.append(self.feature(batch_to_device(train.collate([train.sample(i)]), gen.device), 0))
+                batch = batch_to_device(train.collate([train.sample(i)]), gen.device)
+                feats.append(retrieval_feature(gen.frozen, batch, 0))
         self.features = torch.stack(feats) if feats else None
         if self.kind == "mean":
             self._mean_scene()
@@ -273,22 +275,12 @@ class Baseline:
         self.mean = (np.stack(np.unravel_index(cells[keep], (N,) * 3), 1).astype(np.int64), joint[keep].argmax(1),
                      mean_mat[keep])
 
-    def feature(self, batch: Mapping[str, Any], b: int) -> torch.Tensor:
-        from interiorfusion_structure.conditions import frozen_features
-
-        feats = frozen_features(self.gen.frozen, batch, None)
-        if "image_features" in feats:
-            f = feats["image_features"][b].float().mean(0)
-        else:
-            f = torch.nn.functional.interpolate(batch["rgb"][b:b + 1].float(), size=(16, 16)).flatten()
-        return torch.nn.functional.normalize(f.cpu(), dim=0)
-
     def predict(self, batch: Mapping[str, Any], b: int, truth: GeneratedScene) -> Scored:
         if self.kind == "mean":
             coords, classes, mats = self.mean
         else:
             assert self.features is not None
-            best = int((self.features @ self.feature(batch, b)).argmax())
+            best = int((self.features @ retrieval_feature(self.gen.frozen, batch, b)).argmax())
             coords, classes, mats = self.scenes[best]
         return Scored(GeneratedScene(np.zeros((0, 3), np.int64), coords, classes, truth.resolution, truth.origin,
                                      truth.cube_size), mats)

@@ -294,6 +294,17 @@ _STATEMENT = re.compile(r"^\s*\w+\s*=\s*(Wall|Door|Window|Bbox)\s*\((.*)\)\s*$")
 _ARITY = {"wall": (False, 8), "door": (True, 5), "window": (True, 5), "bbox": (True, 7)}
 
 
+def retrieval_feature(frozen: Mapping[str, nn.Module], batch: Mapping[str, Any], b: int) -> torch.Tensor:
+    """Sample b's condition image as one unit vector for nearest-room retrieval: the frozen image encoder's mean
+    token, or the image itself at 16×16 when the config has no image encoder (CPU)."""
+    feats = frozen_features(frozen, batch, None)
+    if "image_features" in feats:
+        f = feats["image_features"][b].float().mean(0)
+    else:
+        f = torch.nn.functional.interpolate(batch["rgb"][b:b + 1].float(), size=(16, 16)).flatten()
+    return torch.nn.functional.normalize(f.cpu(), dim=0)
+
+
 def parse_layout(text: str) -> list[LayoutStatement]:
     """SpatialLM-style statements (docs/data-format.md, layout.txt), walls/doors/windows before boxes."""
     out: list[LayoutStatement] = []

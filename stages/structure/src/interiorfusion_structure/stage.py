@@ -28,7 +28,7 @@ from interiorfusion_core.engine import Trainer
 from interiorfusion_core.engine.callbacks import Callback
 from interiorfusion_core.engine.distributed import Runtime, gather_objects
 from interiorfusion_core.errors import UserError
-from interiorfusion_structure.conditions import check_pretrained
+from interiorfusion_structure.conditions import check_pretrained, retrieval_feature
 from interiorfusion_structure.config import DiTStructureConfig
 from interiorfusion_structure.generate import (
     Generator,
@@ -303,8 +303,6 @@ class Baselines:
 
     def __init__(self, latents: Any, resolution: int, gen: Generator, config: DiTStructureConfig,
                  samples: int = 64):
-        from interiorfusion_structure.conditions import frozen_features
-
         train = StructureData(latents, "train", resolution)
         self.gen, self.resolution = gen, resolution
         self.scenes: list[np.ndarray] = []
@@ -317,20 +315,11 @@ class Baselines:
             self.scenes.append(coords)
             counts[tuple(coords.T)] += 1
             batch = batch_to_device(train.collate([train.sample(i)]), gen.device)
-            feats.append(self._feature(batch, 0, frozen_features))
+            feats.append(retrieval_feature(gen.frozen, batch, 0))
         self.features = torch.stack(feats) if feats else None
         size = int(np.mean([len(s) for s in self.scenes])) if self.scenes else 0
         flat = np.argsort(-counts.reshape(-1), kind="stable")[:size]
         self.mean_cells = np.stack(np.unravel_index(flat, counts.shape), 1)
-        self._frozen_features = frozen_features
-
-    def _feature(self, batch: Mapping[str, Any], b: int, frozen_features: Any) -> torch.Tensor:
-        feats = frozen_features(self.gen.frozen, batch, None)
-        if "image_features" in feats:
-            f = feats["image_features"][b].float().mean(0)
-        else:
-            f = torch.nn.functional.interpolate(batch["rgb"][b:b + 1].float(), size=(16, 16)).flatten()
-        return torch.nn.functional.normalize(f.cpu(), dim=0)
 
     def mean_scene(self, frame: Any) -> np.ndarray:
         vs = float(frame.cube_size) / self.resolution
@@ -339,7 +328,7 @@ class Baselines:
     def retrieve(self, batch: Mapping[str, Any], b: int, frame: Any) -> np.ndarray:
         if self.features is None:
             return np.zeros((0, 3))
-        f = self._feature(batch, b, self._frozen_features)
+        f = retrieval_feature(self.gen.frozen, batch, b)
         best = int((self.features @ f).argmax())
         vs = float(frame.cube_size) / self.resolution
         return np.asarray(frame.origin, np.float64) + (self.scenes[best] + 0.5) * vs
