@@ -111,3 +111,40 @@ def test_eval_help_lists_its_options() -> None:
                          check=True, env={"COLUMNS": "200", "PATH": str(BIN)}).stdout
     for option in ("--structure", "--material", "--data", "--split", "--samples", "--config", "--output"):
         assert option in out, option
+
+
+def test_the_mean_baseline_keeps_the_most_frequent_voxels_with_their_majority_class_and_mean_material() -> None:
+    import numpy as np
+
+    from interiorfusion_evaluate.stage import Baseline
+
+    N = 4
+    # Three training scenes of 3, 2 and 1 voxels (mean 2): cell (0,0,0) is in all three, (1,1,1) in two, (2,2,2) in
+    # one, so the mean scene keeps the first two; (1,1,1) is class 7 twice; materials average per cell.
+    scenes = [(np.array([[0, 0, 0], [1, 1, 1], [2, 2, 2]]), np.array([3, 7, 1]), np.array([[0.0], [1.0], [5.0]])),
+              (np.array([[0, 0, 0], [1, 1, 1]]), np.array([3, 7]), np.array([[0.5], [0.0]])),
+              (np.array([[0, 0, 0]]), np.array([2]), np.array([[1.0]]))]
+    baseline = Baseline.__new__(Baseline)
+    baseline.resolution, baseline.scenes = N, scenes
+    baseline._mean_scene()
+    coords, classes, mats = baseline.mean
+    assert coords.tolist() == [[0, 0, 0], [1, 1, 1]]
+    assert classes.tolist() == [3, 7]
+    assert np.allclose(mats[:, 0], [0.5, 0.5])
+
+
+@pytest.mark.slow
+def test_untextured_evaluation_against_the_mean_scene(structure_smoke: RunOutcome, tmp_path: Any) -> None:
+    """Without a material input every method is drawn in class colours, and the `mean` baseline is one scene, the
+    same for every held-out room, of the training set's mean voxel count."""
+    outcome = run_stage("evaluate", SMOKE, inputs={"structure": structure_smoke.uri},
+                        output=(tmp_path / "e").as_uri(),
+                        overrides=("baseline=mean", "samples=2", "reference_vae=false", "points=500"))
+    report: dict[str, Any] = open_store(outcome.uri).get_json("metrics.json")
+    assert not report["shaded"] and report["baseline"] == "mean"
+    assert set(report["metrics"]) == {"generation", "baseline"}
+    for name in ("chamfer", "fscore", "psnr", "ssim", "lpips", "layout_iou", "scale_error"):
+        assert math.isfinite(report["metrics"]["baseline"][name]), name
+    sizes = {r["baseline"]["voxels"] for r in report["records"]}
+    assert len(sizes) == 1 and sizes.pop() > 0, report["records"]
+    assert "class colours" in open_store(outcome.uri).get_bytes("report.md").decode()
