@@ -9,6 +9,7 @@ import subprocess
 import time
 from typing import Any
 
+import numpy as np
 import pytest
 from testservers import BIN, REPO
 
@@ -114,8 +115,6 @@ def test_eval_help_lists_its_options() -> None:
 
 
 def test_the_mean_baseline_keeps_the_most_frequent_voxels_with_their_majority_class_and_mean_material() -> None:
-    import numpy as np
-
     from interiorfusion_evaluate.stage import Baseline
 
     N = 4
@@ -136,15 +135,16 @@ def test_the_mean_baseline_keeps_the_most_frequent_voxels_with_their_majority_cl
 @pytest.mark.slow
 def test_untextured_evaluation_against_the_mean_scene(structure_smoke: RunOutcome, tmp_path: Any) -> None:
     """Without a material input every method is drawn in class colours, and the `mean` baseline is one scene, the
-    same for every held-out room, of the training set's mean voxel count."""
+    same for every held-out room."""
     outcome = run_stage("evaluate", SMOKE, inputs={"structure": structure_smoke.uri},
                         output=(tmp_path / "e").as_uri(),
                         overrides=("baseline=mean", "samples=2", "reference_vae=false", "points=500"))
-    report: dict[str, Any] = open_store(outcome.uri).get_json("metrics.json")
+    store = open_store(outcome.uri)
+    report: dict[str, Any] = store.get_json("metrics.json")
     assert not report["shaded"] and report["baseline"] == "mean"
     assert set(report["metrics"]) == {"generation", "baseline"}
     for name in ("chamfer", "fscore", "psnr", "ssim", "lpips", "layout_iou", "scale_error"):
         assert math.isfinite(report["metrics"]["baseline"][name]), name
     sizes = {r["baseline"]["voxels"] for r in report["records"]}
     assert len(sizes) == 1 and sizes.pop() > 0, report["records"]
-    assert "class colours" in open_store(outcome.uri).get_bytes("report.md").decode()
+    assert "class colours" in store.get_bytes("report.md").decode()
