@@ -10,11 +10,13 @@ STAMP := $(VENV)/.interiorfusion-installed
 # Khronos glTF-Validator (tools/gltf-validator, Node.js) for the .glb checks; setup skips it where npm is missing.
 NPM := $(shell command -v npm 2>/dev/null)
 VALIDATOR := tools/gltf-validator/node_modules/.package-lock.json
+# The 3D viewer's JavaScript (tools/viewer: three.js, pinned by its lock file) bundled into core's package data.
+VIEWER_BUNDLE := stages/core/src/interiorfusion_core/viewer/viewer.min.js
 PYTEST_ARGS ?=
 
 .PHONY: setup run test test-fast lint bench bench-readme quality images clean
 
-setup: $(STAMP) $(if $(NPM),$(VALIDATOR))
+setup: $(STAMP) $(if $(NPM),$(VALIDATOR) $(VIEWER_BUNDLE))
 
 $(STAMP): $(wildcard stages/*/pyproject.toml) flows/pyproject.toml requirements/*.txt Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -26,6 +28,10 @@ $(STAMP): $(wildcard stages/*/pyproject.toml) flows/pyproject.toml requirements/
 $(VALIDATOR): tools/gltf-validator/package.json tools/gltf-validator/package-lock.json
 	npm ci --prefix tools/gltf-validator --no-audit --no-fund --loglevel=error
 	touch $(VALIDATOR)
+
+$(VIEWER_BUNDLE): tools/viewer/package.json tools/viewer/package-lock.json tools/viewer/src/viewer.js
+	npm ci --prefix tools/viewer --no-audit --no-fund --loglevel=error
+	npm run --prefix tools/viewer --silent build
 
 run: setup
 	$(BIN)/interiorfusion pipeline run --config configs/smoke/pipeline.yaml

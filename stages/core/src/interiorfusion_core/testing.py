@@ -177,3 +177,158 @@ def render_page(
     if shot is not None and not shot.exists():
         shot = None
     return RenderedPage(url, dom, shot, time.monotonic() - started, log)
+
+
+class Browser:
+    """A headless Chromium driven over the DevTools protocol on a pipe (`--remote-debugging-pipe`: commands on
+    its fd 3, replies on fd 4, NUL-separated JSON), for pages a person interacts with: load, wait for a condition,
+    run a script (click a button), take a screenshot. Standard library only; `webgl=True` uses SwiftShader.
+
+        with Browser(webgl=True) as browser:
+            browser.open(url, ready="window.interiorfusionViewer?.ready === true")
+            before = browser.screenshot()                  # PNG bytes
+            browser.evaluate("document.querySelector('#toggle-colors').click()")
+    """
+
+    def __init__(self, *, window: tuple[int, int] = (1280, 800), webgl: bool = False, binary: str | None = None,
+                 timeout: float = 120):
+        import json
+        import threading
+
+        self._json = json
+        self.timeout = timeout
+        self.window = window
+        binary = binary or chromium_binary()
+        if binary is None:
+            raise RuntimeError("no Chromium found: install Debian's `chromium` or set INTERIORFUSION_CHROMIUM")
+        self._profile = tempfile.TemporaryDirectory(prefix="chromium-profile-")
+        gpu = ["--use-angle=swiftshader", "--enable-unsafe-swiftshader"] if webgl else ["--disable-gpu"]
+        to_browser_r, self._to_browser = os.pipe()
+        self._from_browser, from_browser_w = os.pipe()
+
+        def child_fds() -> None:  # the protocol's fixed descriptors: 3 = commands in, 4 = replies out
+            os.dup2(to_browser_r, 3)
+            os.dup2(from_browser_w, 4)
+
+        self.proc = subprocess.Popen(
+            [binary, "--headless=new", "--no-sandbox", *gpu, "--disable-dev-shm-usage", "--remote-debugging-pipe",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync", "--no-first-run",
+             "--hide-scrollbars", f"--user-data-dir={self._profile.name}",
+             f"--window-size={window[0]},{window[1]}", "about:blank"],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, preexec_fn=child_fds,
+            pass_fds=(3, 4), start_new_session=True,  # kept open past close_fds, which runs after preexec_fn
+        )
+        os.close(to_browser_r)
+        os.close(from_browser_w)
+        self._next_id = 0
+        self._replies: dict[int, dict] = {}
+        self.events: list[dict] = []  # console messages and exceptions, for a failing test's message
+        self._cond = threading.Condition()
+        self._closed = False
+        threading.Thread(target=self._read, daemon=True).start()
+        threading.Thread(target=self.proc.stderr.read, daemon=True).start()  # drain its chatty log
+        target = self.call("Target.createTarget", url="about:blank")["targetId"]
+        self.session = self.call("Target.attachToTarget", targetId=target, flatten=True)["sessionId"]
+        for domain in ("Page", "Runtime"):
+            self.call(f"{domain}.enable", session=True)
+        self.call("Emulation.setDeviceMetricsOverride", session=True, width=window[0], height=window[1],
+                  deviceScaleFactor=1, mobile=False)
+
+    def _read(self) -> None:
+        buffer = b""
+        while True:
+            try:
+                chunk = os.read(self._from_browser, 1 << 20)
+            except OSError:
+                chunk = b""
+            if not chunk:
+                with self._cond:
+                    self._closed = True
+                    self._cond.notify_all()
+                return
+            buffer += chunk
+            *messages, buffer = buffer.split(b"\0")
+            for raw in messages:
+                message = self._json.loads(raw)
+                with self._cond:
+                    if "id" in message:
+                        self._replies[message["id"]] = message
+                        self._cond.notify_all()
+                    elif message.get("method") in ("Runtime.consoleAPICalled", "Runtime.exceptionThrown"):
+                        self.events.append(message)
+
+    def call(self, method: str, *, session: bool = False, **params: object) -> dict:
+        """One protocol command (`session=True`: to the page); its result, or RuntimeError with its error."""
+        with self._cond:
+            self._next_id += 1
+            ident = self._next_id
+        message: dict = {"id": ident, "method": method, "params": params}
+        if session:
+            message["sessionId"] = self.session
+        os.write(self._to_browser, self._json.dumps(message).encode() + b"\0")
+        deadline = time.monotonic() + self.timeout
+        with self._cond:
+            while ident not in self._replies:
+                if self._closed:
+                    raise RuntimeError(f"chromium exited during {method}")
+                if not self._cond.wait(timeout=max(0.0, deadline - time.monotonic())):
+                    raise RuntimeError(f"chromium did not answer {method} within {self.timeout:.0f} s")
+            reply = self._replies.pop(ident)
+        if "error" in reply:
+            raise RuntimeError(f"{method}: {reply['error'].get('message')}")
+        return reply.get("result", {})
+
+    def evaluate(self, expression: str) -> object:
+        """The value of a JavaScript expression in the page (promises awaited)."""
+        result = self.call("Runtime.evaluate", session=True, expression=expression, returnByValue=True,
+                           awaitPromise=True)
+        if "exceptionDetails" in result:
+            detail = result["exceptionDetails"]
+            raise RuntimeError(f"page script failed: {detail.get('exception', {}).get('description') or detail}")
+        return result.get("result", {}).get("value")
+
+    def wait_for(self, expression: str, timeout: float | None = None) -> None:
+        """Poll until `expression` is truthy in the page."""
+        deadline = time.monotonic() + (timeout or self.timeout)
+        while time.monotonic() < deadline:
+            try:
+                if self.evaluate(expression):
+                    return
+            except RuntimeError:
+                pass  # the page is between documents
+            time.sleep(0.1)
+        raise RuntimeError(f"the page did not satisfy `{expression}` within {timeout or self.timeout:.0f} s; "
+                           f"console: {self.console()[-1500:]}")
+
+    def open(self, url: str, ready: str | None = None, timeout: float | None = None) -> None:
+        self.call("Page.navigate", session=True, url=url)
+        self.wait_for(ready or "document.readyState === 'complete'", timeout)
+
+    def screenshot(self) -> bytes:
+        import base64
+
+        return base64.b64decode(self.call("Page.captureScreenshot", session=True, format="png")["data"])
+
+    def console(self) -> str:
+        lines = []
+        for event in self.events:
+            params = event.get("params", {})
+            if "args" in params:
+                lines.append(" ".join(str(a.get("value", a.get("description", ""))) for a in params["args"]))
+            else:
+                lines.append(str(params.get("exceptionDetails", {}).get("exception", {}).get("description")))
+        return "\n".join(lines)
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            os.close(self._to_browser)
+        stop(self.proc, timeout=5)
+        with contextlib.suppress(Exception):
+            os.close(self._from_browser)
+        self._profile.cleanup()
+
+    def __enter__(self) -> Browser:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -270,6 +270,11 @@ class Tracker:
             p.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
             self.log_artifact(p)
 
+    def log_text(self, text: str, artifact_file: str) -> None:
+        """`text` as the artifact `artifact_file` (a relative path, e.g. "viewers/val.html": the UI shows HTML
+        artifacts in an iframe)."""
+        self.client.log_text(self.run_id, text, artifact_file)
+
     def log_image(self, image: Any, name: str) -> None:
         """A PIL image, a HxWx3 uint8 array, or PNG bytes, stored under images/ (`name` may hold folders:
         "samples/step-10.png" → images/samples/step-10.png)."""
@@ -444,6 +449,7 @@ class NullTracker(Tracker):
     def flush(self) -> None: ...
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None: ...
     def log_dict(self, obj: Any, name: str) -> None: ...
+    def log_text(self, text: str, artifact_file: str) -> None: ...
     def log_image(self, image: Any, name: str) -> None: ...
     def log_dataset_input(
         self,
