@@ -213,6 +213,31 @@ def plan(
                  as_json=as_json, tokens_from=tokens_from)
 
 
+@app.command("view")
+@user_errors
+def view(
+    uri: Annotated[str, typer.Argument(help="A stage output, a .glb, a viewer .html or a pipeline run (its folder "
+                                            "pipelines/<name> or a runs/<id>.json record); path, file:// or s3://.")],
+    stage: Annotated[str | None, typer.Option("--stage", help="With a pipeline run: the stage instance to show "
+                                                             "(default: the last one with a viewer).")] = None,
+    name: Annotated[str | None, typer.Option("--name", help="Which of the output's viewers/<name>.html "
+                                                           "(default: the one its manifest names).")] = None,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Write the page here (a .html path or a "
+                                                                       "folder) instead of opening a browser.")] = None,
+) -> None:
+    """Open the interactive 3D viewer of URI in the local browser (or write it to --output; on a machine without
+    a display it is written to ./<name>.html)."""
+    from interiorfusion_flows.view import find_page, show
+
+    found = find_page(uri, stage=stage, name=name)
+    path, opened = show(found, output)
+    size = path.stat().st_size / 2**20
+    console.print(f"{'opened' if opened else 'wrote'} {path} ({size:.1f} MB)", markup=False)
+    others = [c for c in found.choices if c != found.name and not found.name.endswith(c)]
+    if others:
+        console.print(f"  also here: {', '.join(others)}", markup=False)
+
+
 def _mount_plugins() -> None:
     for ep in entry_points(group="interiorfusion.cli"):
         app.add_typer(ep.load(), name=ep.name)

@@ -45,4 +45,11 @@ class DataStage(Stage):
             ctx.output.put_bytes("preview.png", data)
             ctx.tracker.log_image(data, "data_preview.png")
             outputs["preview"] = "preview.png"
+            from interiorfusion_data.viewer import publish_scenes, sample_pane
+
+            # The first two scenes in 3D (a page stays a few MB: each scene is about 0.5 MB inlined).
+            panes = [sample_pane(s, f"{split} · {s['key']}") for s in samples[:2]]
+            viewer = publish_scenes(ctx, "scenes", panes, title=f"data · ground truth ({split})")
+            if viewer:
+                outputs["viewer"] = viewer
         return StageResult(metrics=summary.metrics, outputs=outputs)

@@ -15,7 +15,8 @@ would not reach them). With a material input every scene is shaded (`shade_torch
 sample's stored lights, the truth by its stored materials; without one every scene shows its class colours.
 
 Outputs: metrics.json (per-scene records, the means, the config of the comparison), report.md (the table against
-the seed's targets), previews/{best,median,worst}-<key>.png by generation F-score.
+the seed's targets), previews/{best,median,worst}-<key>.png by generation F-score, and the same scenes in 3D:
+viewers/{best,median,worst}-<key>.html (generation | ground truth, docs/viewer.md).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ import torch
 
 from interiorfusion_core.contract import Stage, StageContext, StageInput, StageResult
 from interiorfusion_core.errors import UserError
+from interiorfusion_data.viewer import camera, publish_scenes, scene_pane
 from interiorfusion_evaluate.config import EvaluateConfig
 from interiorfusion_evaluate.metrics import (
     METRIC_NAMES,
@@ -112,8 +114,8 @@ class EvaluateStage(Stage):
                                                 "unit": t.unit} for k, t in TARGETS.items()},
             "records": records, "seconds": time.perf_counter() - started,
         }
-        previews = write_previews(ctx, evaluator, records)
-        markdown = report_markdown(report, previews)
+        previews, viewers = write_previews(ctx, evaluator, records)
+        markdown = report_markdown(report, previews, viewers)
         ctx.output.put_json("metrics.json", report)
         ctx.output.put_bytes("report.md", markdown.encode())
         for method in METHODS:
@@ -123,7 +125,8 @@ class EvaluateStage(Stage):
         ctx.tracker.log_artifact(_write(ctx.work_dir / "report.md", markdown))
         result = {f"{TRACK_PREFIX[m]}_{k}": float(v) for m in METHODS for k, v in summary.get(m, {}).items()
                   if _finite(v)}
-        return StageResult(metrics=result, outputs={"metrics": "metrics.json", "report": "report.md"})
+        outputs = {"metrics": "metrics.json", "report": "report.md", **{f"viewer_{k}": v for k, v in viewers.items()}}
+        return StageResult(metrics=result, outputs=outputs)
 
 
 # ------------------------------------------------------------------------------------------------ inputs
@@ -400,7 +403,8 @@ class Evaluator:
             record[method] = {"voxels": len(pred.scene.voxels), **values}
             first[method] = images[0] if images else None
         self.kept[key] = {"condition": batch["rgb"][b].float().cpu().permute(1, 2, 0).numpy().clip(0, 1),
-                          "images": first}
+                          "images": first, "generation": preds["generation"], "truth": truth,
+                          "camera": camera(batch["cam_to_world"][b], batch["intrinsics"][b], batch["rgb"][b])}
         return record
 
     def geometry_metrics(self, pred: GeneratedScene, truth: GeneratedScene) -> dict[str, float]:
@@ -477,14 +481,17 @@ def summarize(records: list[dict[str, Any]], instances: Mapping[str, tuple[list[
 
 
 # ------------------------------------------------------------------------------------------------ report
-def write_previews(ctx: StageContext, ev: Evaluator, records: list[dict[str, Any]]) -> dict[str, str]:
+def write_previews(ctx: StageContext, ev: Evaluator, records: list[dict[str, Any]]
+                   ) -> tuple[dict[str, str], dict[str, str]]:
     """previews/{best,median,worst}-<key>.png by generation F-score: condition | generation | VAE | baseline |
-    truth, from the first evaluated view. Returns label → artifact key."""
+    truth, from the first evaluated view, and viewers/{best,median,worst}-<key>.html (generation | truth in 3D).
+    Returns (label → preview key, label → viewer key; no viewer where the JavaScript is not built)."""
     from PIL import Image
 
     order = sorted(records, key=lambda r: r["generation"]["fscore"], reverse=True)
     picks = {"best": order[0], "median": order[len(order) // 2], "worst": order[-1]}
     out: dict[str, str] = {}
+    viewers: dict[str, str] = {}
     for label, rec in picks.items():
         kept = ev.kept[rec["key"]]
         tiles = [kept["condition"]] + [kept["images"].get(m) for m in (*METHODS, "truth")]
@@ -500,7 +507,27 @@ def write_previews(ctx: StageContext, ev: Evaluator, records: list[dict[str, Any
         ctx.output.put_bytes(key, buf.getvalue())
         ctx.tracker.log_image(buf.getvalue(), f"evaluate_{label}.png")  # images/evaluate_best.png, ...
         out[label] = key
-    return out
+        viewer = publish_scenes(ctx, f"{label}-{rec['key']}", scored_panes(kept, rec["generation"]),
+                                title=f"evaluate · {label} by F-score · {rec['key']}: generation | ground truth")
+        if viewer:
+            viewers[label] = viewer
+    return out, viewers
+
+
+VIEWER_METRICS = ("fscore", "chamfer", "psnr", "lpips", "map")
+
+
+def scored_panes(kept: Mapping[str, Any], metrics: Mapping[str, Any]) -> list[Any]:
+    """Viewer panes of a kept scene: its generation (with its metrics) | the ground truth."""
+    panes = []
+    for label, scored, shown in (("generation", kept["generation"], metrics), ("ground truth", kept["truth"], {})):
+        scene = scored.scene
+        if not len(scene.voxels):
+            continue
+        values = {k: float(shown[k]) for k in VIEWER_METRICS if _finite(shown.get(k))}
+        panes.append(scene_pane(label, scene.voxels, scene.classes, scene.origin, scene.voxel_size,
+                                materials=scored.materials, camera=kept["camera"], metrics=values))
+    return panes
 
 
 def _fmt(v: float | None, name: str) -> str:
@@ -509,7 +536,8 @@ def _fmt(v: float | None, name: str) -> str:
     return f"{v:.4f}" if name in ("chamfer", "lpips", "scale_error") else f"{v:.3f}"
 
 
-def report_markdown(report: Mapping[str, Any], previews: Mapping[str, str]) -> str:
+def report_markdown(report: Mapping[str, Any], previews: Mapping[str, str],
+                    viewers: Mapping[str, str] | None = None) -> str:
     """The validation table: metric | generation | VAE recon | baseline | seed target | pass/fail (generation)."""
     m = report["metrics"]
     lines = [
@@ -541,7 +569,8 @@ def report_markdown(report: Mapping[str, Any], previews: Mapping[str, str]) -> s
         lines.append(f"Note: {note}.")
     lines += ["", "## Previews (condition | generation | VAE recon | baseline | truth)", ""]
     for label, key in previews.items():
-        lines.append(f"- {label} F-score: ![{label}]({key})")
+        view = f" · [turn it around in 3D]({viewers[label]})" if viewers and label in viewers else ""
+        lines.append(f"- {label} F-score: ![{label}]({key}){view}")
     return "\n".join(lines) + "\n"
 
 

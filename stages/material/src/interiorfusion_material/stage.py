@@ -30,6 +30,7 @@ from interiorfusion_core.engine import Trainer
 from interiorfusion_core.engine.callbacks import Callback
 from interiorfusion_core.engine.distributed import Runtime
 from interiorfusion_core.errors import UserError
+from interiorfusion_data.viewer import camera, publish_scenes, scene_pane
 from interiorfusion_material.config import DiTMaterialConfig
 from interiorfusion_material.generate import (
     MaterialGenerator,
@@ -192,6 +193,11 @@ def held_out_report(ctx: StageContext, gen: MaterialGenerator, latents: Any, con
     return summarize(records, resolution, config) if rt.is_main else None
 
 
+def batch_camera(batch: Mapping[str, Any], b: int) -> Any:
+    """Batch item b's condition view as a viewer camera."""
+    return camera(batch["cam_to_world"][b], batch["intrinsics"][b], batch["rgb"][b])
+
+
 def preview(batch: Mapping[str, Any], b: int, pred: torch.Tensor, truth: torch.Tensor) -> bytes:
     """Sample b's material previews from its condition camera: prediction above, truth below."""
     from interiorfusion_material.export import material_previews
@@ -255,6 +261,16 @@ def end_to_end(ctx: StageContext, gen: MaterialGenerator, structure_uri: str, la
                                                                             classes=scene.classes))
                 ctx.output.put_bytes(f"samples/{key}.png", png)
                 ctx.tracker.log_image(png, f"generated/{key}.png")
+                rows = (batch["voxel_coords"][:, 0] == b).nonzero().flatten()
+                cam = batch_camera(batch, b)
+                panes = [scene_pane("ground truth", batch["voxel_coords"][rows], batch["voxel_labels"][rows],
+                                    batch["origin"][b], float(batch["voxel_size"][b]),
+                                    materials=batch["voxel_feats"][rows].float(), camera=cam)]
+                if len(scene.voxels):
+                    panes.insert(0, scene_pane("generated (structure, then materials)", scene.voxels, scene.classes,
+                                               scene.origin, scene.voxel_size, materials=scene.materials, camera=cam))
+                publish_scenes(ctx, f"generated-{key}", panes,
+                               title=f"material · held-out {split} · {key}: generated end to end | ground truth")
         return
 
 
@@ -292,6 +308,16 @@ class MaterialPreviews(Callback):
             for b in range(len(batch["keys"])):
                 trainer.tracker.log_image(preview(batch, b, pred, truth),
                                           f"materials/step-{step:08d}-{batch['keys'][b]}.png")
+            # The first room in 3D at this step (MLflow only: the output keeps the end-to-end generations).
+            rows = (batch["voxel_coords"][:, 0] == 0).nonzero().flatten()
+            cam = batch_camera(batch, 0)
+            coords, labels = batch["voxel_coords"][rows], batch["voxel_labels"][rows]
+            panes = [scene_pane(label, coords, labels, batch["origin"][0], float(batch["voxel_size"][0]),
+                                materials=feats[rows], camera=cam)
+                     for label, feats in (("generated materials", pred), ("ground truth", truth))]
+            publish_scenes(trainer.ctx, f"step-{step:08d}", panes, to_output=False,
+                           title=f"material · step {step} · {batch['keys'][0]}: generated | ground truth "
+                                 "(true geometry)")
 
 
 __all__ = ["MaterialPreviews", "MaterialStage", "held_out_report", "materials_on_truth", "sample_scores"]

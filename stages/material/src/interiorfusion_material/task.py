@@ -66,6 +66,7 @@ class MaterialData(StructureData):
             "feats": torch.cat([torch.as_tensor(s["material"], dtype=torch.float32) for s in lat]),
             "geometry": torch.cat([torch.as_tensor(s["geometry"], dtype=torch.float32) for s in lat]),
             "voxel_coords": views["coords"], "voxel_feats": views["feats"], "num_voxels": views["num_voxels"],
+            "voxel_labels": views.get("labels", torch.zeros(len(views["coords"]), dtype=torch.int64)),
             "render_rgb": views["rgb"], "render_depth": views["depth"], "render_intrinsics": views["intrinsics"],
             "render_cam_to_world": views["cam_to_world"],
             "lights": views.get("lights", torch.zeros(B, 1, 4)),

@@ -28,6 +28,7 @@ from interiorfusion_core.engine import Trainer
 from interiorfusion_core.engine.callbacks import Callback
 from interiorfusion_core.engine.distributed import Runtime, gather_objects
 from interiorfusion_core.errors import UserError
+from interiorfusion_data.viewer import publish_scenes
 from interiorfusion_structure.conditions import check_pretrained, retrieval_feature
 from interiorfusion_structure.config import DiTStructureConfig
 from interiorfusion_structure.generate import (
@@ -176,6 +177,11 @@ class ValidationSamples(Callback):
             for b, scene in enumerate(scenes):
                 trainer.tracker.log_image(scene_preview(scene, batch, b),
                                           f"samples/step-{step:08d}-{batch['keys'][b]}.png")
+            # The first held-out scene in 3D at this step (MLflow only: the output keeps the final one).
+            publish_scenes(trainer.ctx, f"step-{step:08d}", generation_panes(scenes[0], true_scene(data, 0, res),
+                                                                             batch, 0),
+                           title=f"structure · step {step} · {batch['keys'][0]}: generated | ground truth",
+                           to_output=False)
 
 
 def held_out_report(ctx: StageContext, gen: Generator, latents: Any, config: DiTStructureConfig, resolution: int,
@@ -217,6 +223,8 @@ def held_out_report(ctx: StageContext, gen: Generator, latents: Any, config: DiT
                     key = batch["keys"][b]
                     png = scene_preview(scenes[b], batch, b, truth=truth)
                     ctx.output.put_bytes(f"samples/{key}.glb", scene_glb(scenes[b]))
+                    publish_scenes(ctx, f"heldout-{key}", generation_panes(scenes[b], truth, batch, b),
+                                   title=f"structure · held-out {split} · {key}: generated | ground truth")
                     ctx.output.put_bytes(f"samples/{key}.png", png)
                     ctx.tracker.log_image(png, f"heldout/{key}.png")
                     sheet.append(png)
@@ -258,6 +266,22 @@ def stack_pngs(pngs: list[bytes]) -> bytes:
     buf = io.BytesIO()
     sheet.save(buf, format="PNG")
     return buf.getvalue()
+
+
+def generation_panes(scene: Any, truth: Any, batch: Mapping[str, Any], b: int, label: str = "generated",
+                     metrics: Mapping[str, float] | None = None) -> list[Any]:
+    """Viewer panes of a generated scene | its ground truth (GeneratedScenes), with batch item b's condition
+    camera and image on both."""
+    from interiorfusion_data.viewer import camera, scene_pane
+
+    cam = camera(batch["cam_to_world"][b], batch["intrinsics"][b], batch["rgb"][b])
+    panes = []
+    if len(scene.voxels):
+        panes.append(scene_pane(label, scene.voxels, scene.classes, scene.origin, scene.voxel_size, camera=cam,
+                                metrics={"voxels": len(scene.voxels), **(metrics or {})}))
+    panes.append(scene_pane("ground truth", truth.voxels, truth.classes, truth.origin, truth.voxel_size, camera=cam,
+                            metrics={"voxels": len(truth.voxels)}))
+    return panes
 
 
 def true_scene(held: StructureData, i: int, resolution: int) -> Any:

@@ -212,6 +212,38 @@ def _colorize(depth: np.ndarray, lo: float, hi: float) -> np.ndarray:
 
 
 @torch.no_grad()
+def reconstruction_panes(model: SLATInteriorVAE, data_uri: str, config: VAEPretrainConfig, resolution: int,
+                         device: torch.device | str = "cpu", index: int = 0) -> list[Any]:
+    """Viewer panes (interiorfusion_data.viewer) of held-out scene `index`: the input | its free decode (the
+    decoded classes where the model has a semantic head, else the true class of the nearest input voxel)."""
+    from scipy.spatial import cKDTree
+
+    from interiorfusion_data.viewer import sample_camera, scene_pane
+
+    held = open_dataset(data_uri, config.encode.eval_split)
+    sample = held.get(index, resolution, fields=("voxels", "views"))
+    batch = scene_batch(sample, device)
+    occ, material = sparse_batch(batch)
+    out = model.decode(model.encode(occ, material)["mu"])
+    keep = out.occupancy_logits > 0
+    coords = out.voxels.coords[keep][:, 1:].cpu().numpy()
+    if out.class_logits is not None:
+        classes = out.class_logits[keep].argmax(-1).cpu().numpy()
+    else:
+        nearest = cKDTree(sample["coords"]).query(coords, k=1)[1] if len(coords) else np.zeros(0, np.int64)
+        classes = np.asarray(sample["labels"])[nearest]
+    cam = sample_camera(sample, 0)
+    truth = scene_pane("input", sample["coords"], sample["labels"], sample["origin"], float(sample["voxel_size"]),
+                       materials=sample["feats"], camera=cam, metrics={"voxels": len(sample["coords"])})
+    if not len(coords):
+        return [truth]
+    decoded = scene_pane("free decode", coords, classes, sample["origin"], float(sample["voxel_size"]),
+                         materials=out.material[keep].float().cpu().numpy(), camera=cam,
+                         metrics={"voxels": len(coords)})
+    return [truth, decoded]
+
+
+@torch.no_grad()
 def preview(model: SLATInteriorVAE, data_uri: str, config: VAEPretrainConfig, resolution: int,
             device: torch.device | str = "cpu") -> bytes:
     """True depth | depth of the decoded surface, for the first views of a held-out scene (PNG bytes)."""

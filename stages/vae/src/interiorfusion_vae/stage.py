@@ -22,8 +22,9 @@ from interiorfusion_core.contract import Stage, StageContext, StageResult
 from interiorfusion_core.engine import Trainer
 from interiorfusion_core.engine.distributed import Runtime, broadcast_object, gather_objects
 from interiorfusion_data.loader import open_dataset
+from interiorfusion_data.viewer import publish_scenes
 from interiorfusion_vae.config import VAEPretrainConfig
-from interiorfusion_vae.evaluate import class_prior, evaluate_samples, preview, summarize
+from interiorfusion_vae.evaluate import class_prior, evaluate_samples, preview, reconstruction_panes, summarize
 from interiorfusion_vae.latents import check_data_resolutions, encode_dataset
 from interiorfusion_vae.model import SLATInteriorVAE
 from interiorfusion_vae.task import VAETask, build_vae, mean_material
@@ -54,6 +55,11 @@ class VAEStage(Stage):
             if report["samples"]:
                 ctx.tracker.log_image(preview(model, data_uri, config, resolution, rt.device),
                                       "vae_reconstruction.png")
+                viewer = publish_scenes(ctx, "reconstruction",
+                                        reconstruction_panes(model, data_uri, config, resolution, rt.device),
+                                        title=f"vae · held-out {config.encode.eval_split}: input | free decode")
+                if viewer:
+                    outputs["viewer"] = viewer
         if config.encode.enabled:
             encoded = encode_dataset(ctx.output, model, data_uri, config, work_dir=ctx.work_dir, rt=rt,
                                      device=rt.device)

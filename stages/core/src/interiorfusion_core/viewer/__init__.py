@@ -145,10 +145,11 @@ def viewer_html(panes: Sequence[ViewerPane], *, title: str = "", palette: Mappin
     return _PAGE.format(title=html.escape(title or "InteriorFusion scenes"), data=text, bundle=_bundle())
 
 
-def publish_viewer(ctx: Any, name: str, page: str | None) -> str | None:
-    """Write a page under the stage output (`viewers/<name>.html`) and log it as the MLflow artifact of the same
-    path (the run's Artifacts tab shows it). Only the main rank writes. Returns the output key, or None when the
-    page is None or larger than MAX_VIEWER_BYTES (logged as a warning: a preview is never worth failing a run)."""
+def publish_viewer(ctx: Any, name: str, page: str | None, *, to_output: bool = True) -> str | None:
+    """Write a page under the stage output (`viewers/<name>.html`; not with `to_output=False`, e.g. the pages of
+    each validation) and log it as the MLflow artifact of the same path (the run's Artifacts tab shows it). Only
+    the main rank writes. Returns the key, or None when the page is None or larger than MAX_VIEWER_BYTES (logged
+    as a warning: a preview is never worth failing a run)."""
     if page is None or not ctx.is_main:
         return None
     data = page.encode()
@@ -157,12 +158,14 @@ def publish_viewer(ctx: Any, name: str, page: str | None) -> str | None:
         log.warning("viewer %s is %.1f MB, over the %.0f MB limit: not written", key, len(data) / 2**20,
                     MAX_VIEWER_BYTES / 2**20)
         return None
-    ctx.output.put_bytes(key, data)
+    if to_output:
+        ctx.output.put_bytes(key, data)
     ctx.tracker.log_text(page, key)
     return key
 
 
-def stage_viewer(ctx: Any, name: str, panes: Sequence[ViewerPane], **kwargs: Any) -> str | None:
+def stage_viewer(ctx: Any, name: str, panes: Sequence[ViewerPane], *, to_output: bool = True, **kwargs: Any
+                 ) -> str | None:
     """`publish_viewer(ctx, name, viewer_html(panes, …))`, or a warning and None without the JavaScript bundle
     (a checkout without Node.js still trains)."""
     if not ctx.is_main:
@@ -172,4 +175,4 @@ def stage_viewer(ctx: Any, name: str, panes: Sequence[ViewerPane], **kwargs: Any
     except ViewerBundleMissing as exc:
         log.warning("%s: no 3D viewer written", exc)
         return None
-    return publish_viewer(ctx, name, page)
+    return publish_viewer(ctx, name, page, to_output=to_output)
