@@ -1,9 +1,11 @@
 """Stage outputs several test packages share, each made once per test session: the smoke data (seconds), one trained
 smoke VAE (about two minutes on two cores), one structure stage trained on its latents, one material stage on
-both, the smoke real scans, one LoRA stage on them and one GRPO stage. Registered as a pytest plugin by
-tests/conftest.py so every test package uses the same runs."""
+both, the smoke evaluation of those two, the smoke real scans, one LoRA stage on them and one GRPO stage.
+Registered as a pytest plugin by tests/conftest.py so every test package uses the same runs."""
 
 from __future__ import annotations
+
+import time
 
 import pytest
 from testservers import REPO
@@ -68,3 +70,15 @@ def grpo_smoke(structure_smoke: RunOutcome, tmp_path_factory: pytest.TempPathFac
     root = tmp_path_factory.mktemp("grpo-smoke")
     return run_stage("grpo", REPO / "configs/smoke/grpo.yaml", inputs={"structure": structure_smoke.uri},
                      output=(root / "grpo").as_uri())
+
+
+@pytest.fixture(scope="session")
+def evaluate_smoke(structure_smoke: RunOutcome, material_smoke: RunOutcome,
+                   tmp_path_factory: pytest.TempPathFactory) -> tuple[RunOutcome, float]:
+    """The smoke evaluate stage on `structure_smoke` and `material_smoke`, and its wall time (s)."""
+    out = tmp_path_factory.mktemp("evaluate") / "eval"
+    started = time.perf_counter()
+    outcome = run_stage("evaluate", REPO / "configs/smoke/evaluate.yaml",
+                        inputs={"structure": structure_smoke.uri, "material": material_smoke.uri},
+                        output=out.as_uri())
+    return outcome, time.perf_counter() - started

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import math
 import subprocess
-import time
 from typing import Any
 
 import numpy as np
@@ -23,14 +22,9 @@ METHODS = ("generation", "vae", "baseline")
 
 
 @pytest.fixture(scope="module")
-def evaluated(structure_smoke: RunOutcome, material_smoke: RunOutcome, tmp_path_factory: pytest.TempPathFactory
-              ) -> tuple[RunOutcome, float]:
-    """The smoke evaluate stage on the smoke structure and material outputs, and its wall time (s)."""
-    out = tmp_path_factory.mktemp("evaluate") / "eval"
-    started = time.perf_counter()
-    outcome = run_stage("evaluate", SMOKE, inputs={"structure": structure_smoke.uri, "material": material_smoke.uri},
-                        output=out.as_uri())
-    return outcome, time.perf_counter() - started
+def evaluated(evaluate_smoke: tuple[RunOutcome, float]) -> tuple[RunOutcome, float]:
+    """The shared smoke evaluate stage (tests/stage_outputs.py) and its wall time (s)."""
+    return evaluate_smoke
 
 
 @pytest.mark.slow

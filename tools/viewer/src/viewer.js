@@ -77,12 +77,13 @@ function frustum(camera, depth) {
   return group;
 }
 
-// Semantic / PBR switch for one loaded scene.
+// Semantic / PBR switch for one loaded scene, and whether its PBR view has materials of its own.
 function modeSwitch(root, palette) {
   const semantic = root.getObjectByName("semantic");
   const pbr = root.getObjectByName("pbr");
   if (semantic && pbr) {
-    return (mode) => { semantic.visible = mode === "semantic"; pbr.visible = mode !== "semantic"; };
+    const set = (mode) => { semantic.visible = mode === "semantic"; pbr.visible = mode !== "semantic"; };
+    return [set, pbr.userData?.materials !== false];
   }
   // Any other .glb: class colours by mesh (or parent node) name, its own materials for PBR.
   const meshes = [];
@@ -99,7 +100,8 @@ function modeSwitch(root, palette) {
   };
   const originals = meshes.map((m) => m.material);
   const semanticMaterials = meshes.map((m) => classMaterial(palette[className(m)] ? className(m) : className(m.parent)));
-  return (mode) => meshes.forEach((m, i) => { m.material = mode === "semantic" ? semanticMaterials[i] : originals[i]; });
+  return [(mode) => meshes.forEach((m, i) => { m.material = mode === "semantic" ? semanticMaterials[i] : originals[i]; }),
+    true];
 }
 
 async function main() {
@@ -154,7 +156,8 @@ async function main() {
     box.union(sceneBox);
     const hideable = [];
     gltf.scene.traverse((o) => { if (o !== gltf.scene && state.hidden.includes(className(o))) hideable.push(o); });
-    const pane = { spec, scene, hideable, setMode: modeSwitch(gltf.scene, page.palette || {}), frustum: null };
+    const [setMode, hasMaterials] = modeSwitch(gltf.scene, page.palette || {});
+    const pane = { spec, scene, hideable, setMode, hasMaterials, frustum: null };
     if (spec.camera) {
       const size = sceneBox.getSize(new THREE.Vector3()).length() || 1;
       pane.frustum = frustum(spec.camera, 0.12 * size);
@@ -213,7 +216,8 @@ async function main() {
     setMode(mode, draw = true) {
       state.mode = mode;
       panes.forEach((p) => p.setMode(mode));
-      modeButton.textContent = mode === "semantic" ? "Semantic colours (switch to PBR)" : "PBR materials (switch to semantic)";
+      modeButton.textContent = !viewer.hasMaterials ? "Semantic colours (these scenes have no materials)"
+        : mode === "semantic" ? "Semantic colours (switch to PBR)" : "PBR materials (switch to semantic)";
       if (draw) viewer.render();
     },
     setShowHidden(show, draw = true) {
@@ -231,6 +235,8 @@ async function main() {
   };
   window.interiorfusionViewer = viewer;
   frustumButton.hidden = !panes.some((p) => p.frustum);
+  viewer.hasMaterials = panes.some((p) => p.hasMaterials);
+  modeButton.disabled = !viewer.hasMaterials;
   hiddenButton.hidden = !panes.some((p) => p.hideable.length);
   hiddenButton.addEventListener("click", () => viewer.setShowHidden(!state.showHidden));
   modeButton.addEventListener("click", () => viewer.setMode(state.mode === "semantic" ? "pbr" : "semantic"));

@@ -225,6 +225,7 @@ class Browser:
         self.events: list[dict] = []  # console messages and exceptions, for a failing test's message
         self._cond = threading.Condition()
         self._closed = False
+        self._frames: dict[str, str] = {}
         threading.Thread(target=self._read, daemon=True).start()
         threading.Thread(target=self.proc.stderr.read, daemon=True).start()  # drain its chatty log
         target = self.call("Target.createTarget", url="about:blank")["targetId"]
@@ -257,14 +258,15 @@ class Browser:
                     elif message.get("method") in ("Runtime.consoleAPICalled", "Runtime.exceptionThrown"):
                         self.events.append(message)
 
-    def call(self, method: str, *, session: bool = False, **params: object) -> dict:
-        """One protocol command (`session=True`: to the page); its result, or RuntimeError with its error."""
+    def call(self, method: str, *, session: bool | str = False, **params: object) -> dict:
+        """One protocol command (`session=True`: to the page, a string: to that attached session, e.g. of an
+        out-of-process iframe from `frame_sessions`); its result, or RuntimeError with its error."""
         with self._cond:
             self._next_id += 1
             ident = self._next_id
         message: dict = {"id": ident, "method": method, "params": params}
         if session:
-            message["sessionId"] = self.session
+            message["sessionId"] = self.session if session is True else session
         os.write(self._to_browser, self._json.dumps(message).encode() + b"\0")
         deadline = time.monotonic() + self.timeout
         with self._cond:
@@ -285,6 +287,23 @@ class Browser:
         if "exceptionDetails" in result:
             detail = result["exceptionDetails"]
             raise RuntimeError(f"page script failed: {detail.get('exception', {}).get('description') or detail}")
+        return result.get("result", {}).get("value")
+
+    def frame_sessions(self) -> list[str]:
+        """Sessions attached to the page's out-of-process iframes (Chromium runs sandboxed and cross-site frames
+        in their own renderer, so they are targets of their own, not frames of the page's tree)."""
+        sessions = []
+        for info in self.call("Target.getTargets")["targetInfos"]:
+            if info.get("type") == "iframe":
+                target = info["targetId"]
+                if target not in self._frames:  # attach once per frame
+                    self._frames[target] = self.call("Target.attachToTarget", targetId=target,
+                                                     flatten=True)["sessionId"]
+                sessions.append(self._frames[target])
+        return sessions
+
+    def evaluate_in(self, session: str, expression: str) -> object:
+        result = self.call("Runtime.evaluate", session=session, expression=expression, returnByValue=True)
         return result.get("result", {}).get("value")
 
     def wait_for(self, expression: str, timeout: float | None = None) -> None:

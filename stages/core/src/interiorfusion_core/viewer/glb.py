@@ -209,7 +209,9 @@ def _write(translations: np.ndarray, colors: np.ndarray, cls: np.ndarray, materi
         return {"name": class_name(c), "pbrMetallicRoughness": {
             "baseColorFactor": [*np.round(rgb, 5).tolist(), 1.0], "metallicFactor": 0.0, "roughnessFactor": 0.85}}
 
-    nodes: list[dict] = [{"name": "semantic", "children": []}, {"name": "pbr", "children": []}]
+    # extras.materials: whether `pbr` shows measured or predicted materials (else the class colours again).
+    nodes: list[dict] = [{"name": "semantic", "children": []},
+                         {"name": "pbr", "children": [], "extras": {"materials": mat is not None}}]
     groups = np.flatnonzero(np.r_[True, (np.diff(cls) != 0) | (np.diff(material_bin) != 0)])
     bounds = np.r_[groups, len(cls)]
     for start, end in itertools.pairwise(bounds):
