@@ -34,7 +34,7 @@ def canvas_pixels(browser: Browser) -> np.ndarray:
     """The canvas area of a screenshot, [H, W, 3] int."""
     rect = browser.evaluate("(() => { const r = document.querySelector('#stage canvas').getBoundingClientRect();"
                             " return [r.left, r.top, r.width, r.height]; })()")
-    x, y, w, h = (int(round(v)) for v in rect)
+    x, y, w, h = (round(v) for v in rect)
     shot = np.asarray(Image.open(io.BytesIO(browser.screenshot())).convert("RGB"), np.int64)
     return shot[y:y + h, x:x + w]
 
@@ -210,7 +210,7 @@ def test_the_mlflow_artifact_page_shows_the_viewer(smoke_data: str, browser: Bro
         frame = wait_for_frame_ready(browser, timeout=180)
         rect = browser.evaluate("(() => { const r = document.querySelector('iframe.mlflow-html-iframe')"
                                 ".getBoundingClientRect(); return [r.left, r.top, r.width, r.height]; })()")
-        x, y, w, h = (int(round(v)) for v in rect)
+        x, y, w, h = (round(v) for v in rect)
         assert w > 200 and h > 200, rect
         shot = np.asarray(Image.open(io.BytesIO(browser.screenshot())).convert("RGB"), np.int64)[y:y + h, x:x + w]
         assert drawn_fraction(shot) > 0.05, "the viewer's scene is not drawn inside the MLflow UI"
