@@ -1,4 +1,5 @@
-"""The data stage: build the scene dataset (procedural or imported) as shards + dataset.json + preview."""
+"""The data stage: build the scene dataset (procedural or imported) as shards + dataset.json + preview, and the
+first scenes as a 3D viewer page (viewers/scenes.html, docs/viewer.md)."""
 
 from __future__ import annotations
 

@@ -10,6 +10,8 @@ Outputs (under the stage's output prefix):
                                  trained flow, the untrained network, the mean material and the VAE reconstruction
     samples/<key>.glb, .png      held-out rooms generated end to end (stage 2's geometry, then materials), textured,
                                  and their material previews (albedo | roughness | metallic | normal | shaded)
+    viewers/generated-<key>.html the same in 3D, generated | ground truth (docs/viewer.md; MLflow also gets
+                                 viewers/step-<N>.html at each validation: materials on the true geometry)
 
 Evaluation runs on every rank (ZeRO-3 gathers parameters collectively); rank 0 writes the reports.
 """

@@ -8,6 +8,8 @@ Outputs (under the stage's output prefix):
     eval.json                    per held-out sample and in the mean: Chamfer (m) and F-score of generated scenes,
                                  beside the training set's mean scene, image-feature retrieval and the untrained model
     samples/<key>.glb, .png      the generated held-out scenes (class materials) and their previews
+    viewers/heldout-<key>.html   the same in 3D, generated | ground truth (docs/viewer.md; MLflow also gets
+                                 viewers/step-<N>.html at each validation)
 
 Generation and evaluation run on every rank (ZeRO-3 gathers parameters collectively); rank r scores samples
 r, r + W, ...; rank 0 writes the reports.

@@ -6,6 +6,7 @@ Outputs (under the stage's output prefix):
                                  per encode resolution N, one set of shards per rank (docs/latents.md)
     latents/index.json           resolutions, normalisation statistics, splits, shards, the join to the data
     eval.json                    held-out occupancy IoU and material L1, with the trivial baselines
+    viewers/reconstruction.html  a held-out scene in 3D: input | free decode (docs/viewer.md)
 
 After training, every rank loads the trained weights onto the training device; evaluation and encoding are
 sharded across the ranks (rank r takes samples r, r + W, ...), rank 0 reduces and writes the reports.
