@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from interiorfusion_core.viewer.glb import voxel_glb
+from interiorfusion_core.viewer.glb import TO_Y_UP, voxel_glb
 
 __all__ = [
     "MAX_VIEWER_BYTES",
@@ -43,7 +43,8 @@ BUNDLE = Path(__file__).with_name("viewer.min.js")
 MAX_VIEWER_BYTES = 3 * 1024 * 1024
 # OpenCV camera axes (x right, y down, z forward) → OpenGL/three.js (x right, y up, −z forward).
 _CV_TO_GL = np.diag([1.0, -1.0, -1.0, 1.0])
-_Z_UP_TO_Y_UP = np.array([[1, 0, 0, 0], [0, 0, 1, 0], [0, -1, 0, 0], [0, 0, 0, 1]], np.float64)
+_Z_UP_TO_Y_UP = np.eye(4)
+_Z_UP_TO_Y_UP[:3, :3] = TO_Y_UP  # the scenes' frame change (glb.py), as a 4×4
 
 
 class ViewerBundleMissing(RuntimeError):
