@@ -37,6 +37,11 @@ def camera(pose: Any, K: Any, image: Any) -> ConditionCamera:
     return ConditionCamera(_numpy(pose).astype(np.float64), _numpy(K).astype(np.float64), w, h, png_bytes(img))
 
 
+def batch_camera(batch: Mapping[str, Any], b: int) -> ConditionCamera:
+    """Item b's condition view of a model batch (`cam_to_world`, `intrinsics`, `rgb` 3×H×W) as a camera."""
+    return camera(batch["cam_to_world"][b], batch["intrinsics"][b], batch["rgb"][b])
+
+
 def sample_camera(sample: Mapping[str, Any], view: int = 0) -> ConditionCamera | None:
     """View `view` of a decoded sample (format.decode_sample with views) as a condition camera; None without."""
     if "rgb" not in sample or len(sample["rgb"]) <= view:

@@ -35,7 +35,7 @@ import torch
 
 from interiorfusion_core.contract import Stage, StageContext, StageInput, StageResult
 from interiorfusion_core.errors import UserError
-from interiorfusion_data.viewer import camera, publish_scenes, scene_pane
+from interiorfusion_data.viewer import batch_camera, publish_scenes, scene_pane
 from interiorfusion_evaluate.config import EvaluateConfig
 from interiorfusion_evaluate.metrics import (
     METRIC_NAMES,
@@ -404,7 +404,7 @@ class Evaluator:
             first[method] = images[0] if images else None
         self.kept[key] = {"condition": batch["rgb"][b].float().cpu().permute(1, 2, 0).numpy().clip(0, 1),
                           "images": first, "generation": preds["generation"], "truth": truth,
-                          "camera": camera(batch["cam_to_world"][b], batch["intrinsics"][b], batch["rgb"][b])}
+                          "camera": batch_camera(batch, b)}
         return record
 
     def geometry_metrics(self, pred: GeneratedScene, truth: GeneratedScene) -> dict[str, float]:

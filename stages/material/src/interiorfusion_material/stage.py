@@ -32,7 +32,7 @@ from interiorfusion_core.engine import Trainer
 from interiorfusion_core.engine.callbacks import Callback
 from interiorfusion_core.engine.distributed import Runtime
 from interiorfusion_core.errors import UserError
-from interiorfusion_data.viewer import camera, publish_scenes, scene_pane
+from interiorfusion_data.viewer import batch_camera, publish_scenes, scene_pane
 from interiorfusion_material.config import DiTMaterialConfig
 from interiorfusion_material.generate import (
     MaterialGenerator,
@@ -193,11 +193,6 @@ def held_out_report(ctx: StageContext, gen: MaterialGenerator, latents: Any, con
     if rt.is_main and sheet:
         ctx.tracker.log_image(stack_pngs(sheet), "material_heldout.png")
     return summarize(records, resolution, config) if rt.is_main else None
-
-
-def batch_camera(batch: Mapping[str, Any], b: int) -> Any:
-    """Batch item b's condition view as a viewer camera."""
-    return camera(batch["cam_to_world"][b], batch["intrinsics"][b], batch["rgb"][b])
 
 
 def preview(batch: Mapping[str, Any], b: int, pred: torch.Tensor, truth: torch.Tensor) -> bytes:

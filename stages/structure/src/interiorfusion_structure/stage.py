@@ -274,9 +274,9 @@ def generation_panes(scene: Any, truth: Any, batch: Mapping[str, Any], b: int, l
                      metrics: Mapping[str, float] | None = None) -> list[Any]:
     """Viewer panes of a generated scene | its ground truth (GeneratedScenes), with batch item b's condition
     camera and image on both."""
-    from interiorfusion_data.viewer import camera, scene_pane
+    from interiorfusion_data.viewer import batch_camera, scene_pane
 
-    cam = camera(batch["cam_to_world"][b], batch["intrinsics"][b], batch["rgb"][b])
+    cam = batch_camera(batch, b)
     panes = []
     if len(scene.voxels):
         panes.append(scene_pane(label, scene.voxels, scene.classes, scene.origin, scene.voxel_size, camera=cam,
