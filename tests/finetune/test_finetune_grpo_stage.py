@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -68,6 +69,41 @@ def test_kl_starts_at_zero_and_stays_bounded_against_the_same_iterations_at_lr_z
     assert b["train_reward"] == pytest.approx(b["train_base_reward"], abs=1e-6)
 
 
+def _cell_count_reward(sign: float) -> Any:
+    """RewardModel.batch that scores a rollout by ±its number of occupied latent cells: a reward only the occupancy
+    policy decides and GRPO can move in a few iterations (the geometric rewards are far noisier at smoke size)."""
+    from interiorfusion_finetune.rewards import RewardResult
+
+    def batch(self: Any, scenes: Any, batch: Any, edits: Any = None) -> list[Any]:
+        return [RewardResult(sign * float(len(s.cells)), {}) for s in scenes]
+    return batch
+
+
+def test_grpo_moves_the_policy_along_the_reward_against_lr_zero(structure_smoke: RunOutcome, tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """The whole GRPO path on the smoke Structure DiT learns (SDE rollouts of both flows, group advantages, the
+    clipped objective, LoRA on both flows, the engine's update): rewarded for more occupied cells, its rollouts have
+    more than the same iterations at lr ≈ 0; rewarded for fewer, fewer. Same seed, so the same prompts and noise in
+    all three runs; the first iteration is the same policy in each."""
+    from interiorfusion_finetune.rewards import RewardModel
+
+    def cells(name: str, sign: float, lr: str) -> np.ndarray:
+        monkeypatch.setattr(RewardModel, "batch", _cell_count_reward(sign))
+        out = tmp_path / name
+        run_stage("grpo", CONFIG, inputs={"structure": structure_smoke.uri}, output=out.as_uri(),
+                  overrides=["training.num_iterations=8", "rl.edit_every=0", "eval.samples=0", "eval.train_samples=0",
+                             "rl.log_renders_every=0", f"training.lr={lr}"])
+        curve = json.loads((out / "curve.json").read_text())["iterations"]
+        return np.array([sign * r["reward"] for r in curve])  # mean occupied cells per rollout, per iteration
+
+    more, frozen, fewer = cells("more", 1.0, "3e-3"), cells("frozen", 1.0, "1e-12"), cells("fewer", -1.0, "3e-3")
+    print(f"\nGRPO on cell count: iterations 4-7 mean cells more {more[4:].mean():.2f}, lr 0 {frozen[4:].mean():.2f}, "
+          f"fewer {fewer[4:].mean():.2f}; per iteration more {more.round(1).tolist()} lr 0 {frozen.round(1).tolist()} "
+          f"fewer {fewer.round(1).tolist()}")
+    assert more[0] == frozen[0] == fewer[0]
+    assert more[4:].mean() > frozen[4:].mean() > fewer[4:].mean()
+
+
 def test_outputs_are_adapters_and_merged_weights_that_generate_loads(grpo_smoke: RunOutcome,
                                                                      structure_smoke: RunOutcome) -> None:
     out = _path(grpo_smoke.uri)
@@ -75,13 +111,14 @@ def test_outputs_are_adapters_and_merged_weights_that_generate_loads(grpo_smoke:
     assert {"adapters/structure/adapter_model.safetensors", "merged/structure.safetensors", "eval.json"} <= set(
         manifest.artifacts)
     adapters = load_file(out / "adapters/structure/adapter_model.safetensors")
-    assert adapters and all(".latent." in k for k in adapters)  # the policy is the latent flow
+    # The policy is both flows (rl.policy_flows' default): adapters on both, and nowhere else.
+    assert {k.split(".")[2] for k in adapters} == {"latent", "occupancy"}, sorted(adapters)[:4]
     gen = load_generator(grpo_smoke.uri)
     merged = load_file(out / "merged/structure.safetensors")
     assert all(torch.equal(gen.model.state_dict()[k], v) for k, v in merged.items())
     base = load_generator(structure_smoke.uri).model.state_dict()
     changed = {k for k, v in merged.items() if not torch.equal(v, base[k])}
-    assert changed and all(k.startswith("latent.") for k in changed)
+    assert changed and {k.split(".")[0] for k in changed} == {"latent", "occupancy"}
     curve = json.loads((out / "curve.json").read_text())["iterations"]
     assert [r["step"] for r in curve if "reward_edit_quality" in r] == [3, 6, 9]
     assert all(r["edit_iteration"] == (r["step"] % 3 == 0) for r in curve)
@@ -133,3 +170,48 @@ def test_kill_9_mid_iteration_then_rerun_ends_with_the_same_adapters(grpo_smoke:
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def _rollout_inputs(structure_smoke: RunOutcome) -> tuple[Any, dict[str, Any]]:
+    """(the smoke structure run's generator, a batch of two training conditions, each twice: two groups of 2)."""
+    from interiorfusion_core.stage import StageInput
+    from interiorfusion_core.storage import open_store
+    from interiorfusion_finetune.grpo_stage import GroupedConditions
+
+    gen = load_generator(structure_smoke.uri)
+    latents_uri = read_manifest(structure_smoke.uri).inputs["latents"].uri
+    store = open_store(latents_uri)
+    data = GroupedConditions(StageInput("latents", latents_uri, read_manifest(store), store), "train",
+                             gen.resolution, None, group=2)
+    return gen, data.collate([data.sample(0), data.sample(1)])
+
+
+def _rollouts(gen: Any, batch: dict[str, Any], noise: float, flows: tuple[str, ...], config: Any = None) -> Any:
+    from interiorfusion_finetune.rollout import sample_rollouts
+
+    return sample_rollouts(gen.model, gen.vae, gen.frozen, config or gen.config, gen.stats[gen.resolution],
+                           gen.compression, gen.resolution, batch, 4, noise, torch.Generator().manual_seed(3),
+                           group=2, policy_flows=flows)
+
+
+def test_rollouts_at_noise_zero_are_the_ode_and_a_group_shares_its_start(structure_smoke: RunOutcome) -> None:
+    """Both flows as the policy: at noise 0 the SDE rollouts are the ODE's scenes (the same step count); at the
+    smoke noise each flow has its trajectory and finite per-step log-probabilities, and a group's two rollouts start
+    from one occupancy noise but end in different rooms (the spread GRPO learns from)."""
+    from interiorfusion_finetune.rollout import FLOWS
+
+    gen, batch = _rollout_inputs(structure_smoke)
+    ode_config = gen.config.model_copy(update={"sampling": gen.config.sampling.model_copy(
+        update={"steps": 4, "occupancy_steps": 4})})
+    sde0, ode = _rollouts(gen, batch, 0.0, FLOWS), _rollouts(gen, batch, 0.0, (), ode_config)
+    assert set(sde0.flows) == set(FLOWS) and not ode.flows
+    for a, b in zip(sde0.scenes, ode.scenes, strict=True):
+        assert np.array_equal(a.cells, b.cells) and np.array_equal(a.voxels, b.voxels)
+    noisy = _rollouts(gen, batch, 0.7, FLOWS)
+    occupancy = noisy.flows["occupancy"]
+    start = occupancy.trajectory.states[0].view(4, -1)
+    assert torch.equal(start[0], start[1]) and torch.equal(start[2], start[3]) and not torch.equal(start[0], start[2])
+    end = occupancy.trajectory.states[-1].view(4, -1)
+    assert not torch.equal(end[0], end[1])
+    for steps in noisy.flows.values():
+        assert steps.trajectory.log_probs.shape == (4, 4) and bool(torch.isfinite(steps.trajectory.log_probs).all())

@@ -355,6 +355,19 @@ def test_vggt_random_init_needs_vggt() -> None:
         RLConfig(vggt_random_init=True)
 
 
+def test_policy_flows_and_sde_window_are_checked() -> None:
+    assert RLConfig().policy_flows == ["occupancy", "latent"]
+    with pytest.raises(ValueError, match="names a flow twice"):
+        RLConfig(policy_flows=["latent", "latent"])
+    with pytest.raises(ValueError):
+        RLConfig(policy_flows=[])
+    with pytest.raises(ValueError):
+        RLConfig(policy_flows=["materials"])
+    with pytest.raises(ValueError, match="rl.sde_window 7 is more than rl.sampling_steps 6"):
+        RLConfig(sampling_steps=6, sde_window=7)
+    assert RLConfig(sampling_steps=6, sde_window=2).sde_window == 2
+
+
 def test_vggt_estimator_reads_the_camera_head(monkeypatch: pytest.MonkeyPatch) -> None:
     """With a stand-in network (the real one is not installable here): the query's pose is the reference camera
     from the query camera inverted, its translation rescaled by the reference depth over VGGT's."""

@@ -36,6 +36,23 @@ def test_at_noise_zero_it_is_the_ode_sampler() -> None:
     assert (noisy.x1 - ode).abs().max() > 1e-2
 
 
+def test_an_sde_window_draws_noise_in_its_first_steps_only() -> None:
+    """rl.sde_window: the first steps are the SDE's (with log-probabilities), the rest exactly the ODE's Euler steps
+    from wherever the random steps left the state."""
+    g = torch.Generator().manual_seed(0)
+    weight = torch.randn(4, 4, generator=g) * 0.5
+    x0 = torch.randn(10, 4, generator=g)
+    samples = torch.tensor([0] * 6 + [1] * 4)
+    traj = sample_sde(_toy_velocity(weight), x0, samples, 2, 8, T_RANGE, 0.7, torch.Generator().manual_seed(1),
+                      stochastic=2)
+    assert traj.random_steps == 2
+    assert bool((traj.log_probs[:2] != 0).all()) and torch.count_nonzero(traj.log_probs[2:]) == 0
+    rest = sample_ode(_toy_velocity(weight), traj.states[2], 2, 6, T_RANGE, "euler", grid=traj.grid[2:])
+    torch.testing.assert_close(traj.x1, rest, rtol=0, atol=1e-6)
+    free = sample_sde(_toy_velocity(weight), x0, samples, 2, 8, T_RANGE, 0.7, torch.Generator().manual_seed(1))
+    assert free.random_steps == 8 and (free.x1 - traj.x1).abs().max() > 1e-3
+
+
 def test_log_probs_are_the_steps_gaussian_densities() -> None:
     g = torch.Generator().manual_seed(0)
     weight = torch.randn(3, 3, generator=g) * 0.5

@@ -151,11 +151,19 @@ class RLConfig(Strict):
     # Flow-GRPO's SDE noise level a in σ_t = a·sqrt(...); 0 would be the deterministic ODE (no log-probability).
     sde_noise_level: float = Field(default=0.7, gt=0, le=2)
     sampling_steps: int = Field(default=10, ge=2)
+    # Only the first this many sampling steps are random, the rest the ODE's (Flow-GRPO-Fast's SDE window): the
+    # policy gradient then sees fewer random dimensions per rollout, each with more effect on the scene. None: all.
+    sde_window: PositiveInt | None = None
     advantage_std: Literal["group", "batch"] = "group"
-    # What the policy gradient trains: LoRA adapters on the latent flow (the default; the reference policy is the
+    # What the policy gradient trains: LoRA adapters on the policy flows (the default; the reference policy is the
     # same network with them disabled) or the whole network ("full": a frozen copy is the reference; refused under
     # DeepSpeed ZeRO-3, where full-model GRPO is known to hang).
     policy: Literal["lora", "full"] = "lora"
+    # Which of the Structure DiT's flows are the policy: sampled by the SDE, their steps in the loss, their blocks
+    # adapted. The occupancy decides where the cells are, and with them most of the geometric rewards; a flow left
+    # out is sampled by its ODE (part of the environment).
+    policy_flows: list[Literal["occupancy", "latent"]] = Field(default_factory=lambda: ["occupancy", "latent"],
+                                                               min_length=1)
     # Share of each rollout's SDE steps whose log-probability enters the loss (Flow-GRPO's timestep_fraction):
     # each step is one more forward pass with its activations kept for the single backward.
     timestep_fraction: float = Field(default=1.0, gt=0, le=1)
@@ -172,6 +180,10 @@ class RLConfig(Strict):
         if self.vggt_random_init and self.pose_estimator != "vggt":
             raise ValueError("rl.vggt_random_init is true but rl.pose_estimator is not vggt; drop it or set "
                              "rl.pose_estimator: vggt")
+        if self.sde_window is not None and self.sde_window > self.sampling_steps:
+            raise ValueError(f"rl.sde_window {self.sde_window} is more than rl.sampling_steps {self.sampling_steps}")
+        if len(set(self.policy_flows)) != len(self.policy_flows):
+            raise ValueError(f"rl.policy_flows {self.policy_flows} names a flow twice")
         if self.edit_every and self.reward_weights.edit_quality == 0:
             raise ValueError("rl.edit_every is set but rl.reward_weights.edit_quality is 0: the edit iterations "
                              "would score nothing new; give it a weight or set rl.edit_every: 0")
@@ -220,7 +232,7 @@ class RLFinetuneConfig(TrainableStageConfig):
     )
     signature: ClassVar[tuple[str, ...]] = ("rl",)
     rl: RLConfig = Field(default_factory=RLConfig)
-    # The policy's adapters (rl.policy: lora), on the latent flow's blocks only.
+    # The policy's adapters (rl.policy: lora), on the blocks of rl.policy_flows only.
     lora: LoRAConfig = Field(default_factory=LoRAConfig)
     # `training.batch_size` is the conditions per rank per iteration; each is sampled rl.group_size times.
     training: RLTrainingConfig = Field(

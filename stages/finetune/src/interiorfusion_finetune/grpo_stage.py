@@ -3,7 +3,8 @@
 Each iteration (one engine step), per rank: `training.batch_size` conditions from the training split, each sampled
 `rl.group_size` times by the SDE (sde.py) with per-step log-probabilities; every rollout decoded and scored by the
 rewards (rewards.py, the config's weights); advantages normalised per group (grpo.py); then one policy-gradient
-update through the LoRA adapters on the latent flow:
+update through the LoRA adapters on the policy's flows (`rl.policy_flows`, default both: the occupancy
+and the latent flow):
 
     loss = mean over the chosen steps k of [ −min(r_k·A, clip(r_k, 1 ± ε)·A) + β·KL_k(π_θ ‖ π_ref) ]
 
@@ -25,7 +26,7 @@ import logging
 import math
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -45,12 +46,15 @@ from interiorfusion_finetune.edit_batches import EditBatch, EditPairs
 from interiorfusion_finetune.grpo import clipped_policy_loss, gaussian_kl, group_advantages
 from interiorfusion_finetune.lora_stage import load_tuned, write_tuned_structure
 from interiorfusion_finetune.rewards import REWARDS, EditPair, RewardModel, View
-from interiorfusion_finetune.rollout import Rollout, latent_velocity, sample_rollouts
+from interiorfusion_finetune.rollout import Rollout, flow_velocity, sample_rollouts
 from interiorfusion_finetune.sde import gaussian_log_prob, sde_std, step_mean
 from interiorfusion_structure.generate import Generator, generate_scenes, load_generator, scene_preview
 from interiorfusion_structure.model import StructureModel
 from interiorfusion_structure.stage import stack_pngs
 from interiorfusion_structure.task import StructureData, StructureLoader, batch_to_device
+
+if TYPE_CHECKING:
+    from interiorfusion_structure.conditions import ConditionTokens  # imports transformers: not at import
 
 log = logging.getLogger("interiorfusion_finetune")
 
@@ -66,14 +70,15 @@ class GroupedConditions(StructureData):
         return super().collate([s for s in samples for _ in range(self.group)])
 
 
-def latent_flow_targets(model: nn.Module, cfg: LoRAConfig) -> LoRAConfig:
-    """The LoRA targets restricted to the latent flow's blocks (the occupancy flow is sampled by its ODE and gets
-    no policy gradient, so adapters there would stay at zero)."""
+def policy_flow_targets(model: nn.Module, cfg: LoRAConfig, flows: list[str]) -> LoRAConfig:
+    """The LoRA targets restricted to the blocks of the policy's flows (`rl.policy_flows`): a flow sampled by its
+    ODE gets no policy gradient, so adapters there would stay at zero."""
     from interiorfusion_finetune.adapters import targeted_modules
 
-    names = [n for n in targeted_modules(model, cfg) if n.startswith("latent.")]
+    names = [n for n in targeted_modules(model, cfg) if n.split(".", 1)[0] in flows]
     if not names:
-        raise UserError(f"lora.target_modules {list(cfg.target_modules)} match no layer of the latent flow")
+        raise UserError(f"lora.target_modules {list(cfg.target_modules)} match no layer of the policy's flows "
+                        f"{flows} (rl.policy_flows)")
     return cfg.model_copy(update={"target_modules": names})
 
 
@@ -138,7 +143,7 @@ class GRPOTask(TrainTask):
         model = self.starting_model()
         if self.config.rl.policy == "full":
             return model
-        return wrap(model, latent_flow_targets(model, self.config.lora), "structure")
+        return wrap(model, policy_flow_targets(model, self.config.lora, self.config.rl.policy_flows), "structure")
 
     def frozen_models(self, config: Any) -> Mapping[str, nn.Module]:
         frozen: dict[str, nn.Module] = {**self.base.frozen, "vae": self.base.vae}
@@ -178,7 +183,8 @@ class GRPOTask(TrainTask):
         gen = torch.Generator().manual_seed(seed)
         rollout = sample_rollouts(module, self.frozen["vae"], self.encoders(), self.base.config, self.stats,
                                   self.base.compression, self.resolution, batch, rl.sampling_steps,
-                                  rl.sde_noise_level, gen, group=rl.group_size)
+                                  rl.sde_noise_level, gen, group=rl.group_size, policy_flows=rl.policy_flows,
+                                  stochastic=rl.sde_window)
         assert self.rewards is not None
         pairs = None if edit is None else self.edit_pairs(step, edit, rollout, seed)
         results = self.rewards.batch(rollout.scenes, batch, pairs)
@@ -239,48 +245,62 @@ class GRPOTask(TrainTask):
         with adapters_disabled(step.module) if rl.policy == "lora" else contextlib.nullcontext():
             ref = sample_rollouts(reference, self.frozen["vae"], self.encoders(), self.base.config, self.stats,
                                   self.base.compression, self.resolution, before, rl.sampling_steps, 0.0,
-                                  torch.Generator().manual_seed(seed), group=1)
+                                  torch.Generator().manual_seed(seed), group=1, policy_flows=rl.policy_flows)
         G = rl.group_size
         return [EditPair(ref.scenes[b // G], scene, edit.boxes[b // G]) for b, scene in enumerate(rollout.scenes)]
 
     def _objective(self, step: StepContext, rollout: Rollout, advantages: torch.Tensor, keep: torch.Tensor,
                    gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(loss, policy term, KL, clip fraction), each the mean over the chosen steps of every policy flow."""
         rl, beta = self.config.rl, self.config.training.kl_penalty
-        traj, B = rollout.trajectory, rollout.size
-        token_sample = rollout.segments.ids()
-        dims = torch.bincount(token_sample, minlength=B).float() * traj.states[0].shape[1]
-        K = traj.steps
-        chosen = sorted(torch.randperm(K, generator=gen)[: max(1, round(rl.timestep_fraction * K))].tolist())
-        policy_v = latent_velocity(step.model, rollout.batch, rollout.cells, rollout.segments, rollout.lifted)
-        ref_v = self._reference_velocity(step, rollout)
+        B = rollout.size
         policy = torch.zeros((), device=step.device)
         kl = torch.zeros((), device=step.device)
         clip_fraction = torch.zeros((), device=step.device)
-        for k in chosen:
-            t, t_next = traj.grid[k], traj.grid[k + 1]
-            std = sde_std(t, rl.sde_noise_level) * math.sqrt(t_next - t)
-            mean = step_mean(policy_v, traj, k, B, rl.sde_noise_level)
-            log_prob = gaussian_log_prob(traj.states[k + 1], mean, std, token_sample, B) / dims
-            old = traj.log_probs[k] / dims
-            if bool(keep.any()):
-                term, clipped = clipped_policy_loss(log_prob[keep], old[keep], advantages[keep], rl.clip_range)
-            else:  # every group flat: no preference to learn from (only the KL acts)
-                term, clipped = 0.0 * log_prob.sum(), torch.zeros((), device=step.device)
-            with torch.no_grad():
-                ref_mean = step_mean(ref_v, traj, k, B, rl.sde_noise_level)
-            step_kl = (gaussian_kl(mean, ref_mean, std, token_sample, B) / dims).mean()
-            policy = policy + term
-            kl = kl + step_kl
-            clip_fraction = clip_fraction + clipped
-        n = len(chosen)
+        n = 0
+        cond = self._frozen_conditions(step, rollout)
+        for flow in rl.policy_flows:
+            steps = rollout.flows[flow]
+            traj, token_sample, dims = steps.trajectory, steps.segments.ids(), steps.dims.to(step.device)
+            K = traj.random_steps  # deterministic steps have no log-probability to learn from
+            chosen = sorted(torch.randperm(K, generator=gen)[: max(1, round(rl.timestep_fraction * K))].tolist())
+            policy_v = flow_velocity(step.model, rollout.batch, flow, steps, cond)
+            ref_v = self._reference_velocity(step, rollout, flow, cond)
+            for k in chosen:
+                t, t_next = traj.grid[k], traj.grid[k + 1]
+                std = sde_std(t, rl.sde_noise_level) * math.sqrt(t_next - t)
+                mean = step_mean(policy_v, traj, k, B, rl.sde_noise_level)
+                log_prob = gaussian_log_prob(traj.states[k + 1], mean, std, token_sample, B) / dims
+                old = traj.log_probs[k] / dims
+                if bool(keep.any()):
+                    term, clipped = clipped_policy_loss(log_prob[keep], old[keep], advantages[keep], rl.clip_range)
+                else:  # every group flat: no preference to learn from (only the KL acts)
+                    term, clipped = 0.0 * log_prob.sum(), torch.zeros((), device=step.device)
+                with torch.no_grad():
+                    ref_mean = step_mean(ref_v, traj, k, B, rl.sde_noise_level)
+                policy = policy + term
+                kl = kl + (gaussian_kl(mean, ref_mean, std, token_sample, B) / dims).mean()
+                clip_fraction = clip_fraction + clipped
+                n += 1
         policy, kl = policy / n, kl / n
         return policy + beta * kl, policy.detach(), kl.detach(), clip_fraction / n
 
-    def _reference_velocity(self, step: StepContext, rollout: Rollout) -> Any:
+    def _frozen_conditions(self, step: StepContext, rollout: Rollout) -> ConditionTokens | None:
+        """The batch's condition tokens, encoded once per iteration where the condition encoder is frozen (LoRA
+        adapters sit on the flows' blocks only, so it is the same function for the policy and its reference);
+        None under `rl.policy: full`, where it trains and each forward encodes with its gradient. Encoding in every
+        step's forward was most of an iteration's update time."""
         if self.config.rl.policy == "full":
-            return latent_velocity(self.frozen["reference"], rollout.batch, rollout.cells, rollout.segments,
-                                   rollout.lifted)
-        inner = latent_velocity(step.module, rollout.batch, rollout.cells, rollout.segments, rollout.lifted)
+            return None
+        with torch.no_grad():
+            return step.module.encode_conditions(rollout.batch, None)
+
+    def _reference_velocity(self, step: StepContext, rollout: Rollout, flow: str,
+                            cond: ConditionTokens | None) -> Any:
+        steps = rollout.flows[flow]
+        if self.config.rl.policy == "full":
+            return flow_velocity(self.frozen["reference"], rollout.batch, flow, steps)
+        inner = flow_velocity(step.module, rollout.batch, flow, steps, cond)
 
         def v(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             with adapters_disabled(step.module):

@@ -64,28 +64,37 @@ class Trajectory:
     grid: list[float]
     log_probs: torch.Tensor
     x1: torch.Tensor
+    stochastic: int | None = None  # only the first this many steps were random (None: all)
 
     @property
     def steps(self) -> int:
         return len(self.grid) - 1
 
+    @property
+    def random_steps(self) -> int:
+        """How many of the first steps drew noise (and so have a log-probability the policy gradient can use)."""
+        return self.steps if self.stochastic is None else min(self.stochastic, self.steps)
+
 
 @torch.no_grad()
 def sample_sde(velocity: Velocity, x0: torch.Tensor, token_sample: torch.Tensor, batch: int, steps: int,
                t_range: tuple[float, float], noise_level: float, generator: torch.Generator | None = None,
-               grid: Sequence[float] | None = None) -> Trajectory:
+               grid: Sequence[float] | None = None, stochastic: int | None = None) -> Trajectory:
     """Integrate from x(t_min) = x0 to t_max with `steps` Euler–Maruyama steps of the SDE above, then the
     deterministic jump to t = 1. `token_sample` [T] is each token's sample (per-sample log-probabilities).
+    `stochastic`: only the first this many steps are the SDE's, the rest the ODE's Euler steps (Flow-GRPO-Fast's
+    window: fewer random dimensions per rollout, each with more effect on the result; None: every step).
     At noise_level 0 the states are exactly sample_ode's (Euler); log-probabilities are then undefined (zeros)."""
     ts = list(grid) if grid is not None else time_grid(steps, t_range)
     x = x0.float()
     states, log_probs = [x], []
     full = lambda t: torch.full((batch,), t, dtype=torch.float32, device=x0.device)  # noqa: E731
-    for t, t_next in itertools.pairwise(ts):
+    for k, (t, t_next) in enumerate(itertools.pairwise(ts)):
         dt = t_next - t
         v = velocity(x, full(t)).float()
-        mean = sde_mean(x, v, t, dt, noise_level)
-        std = sde_std(t, noise_level) * math.sqrt(dt)
+        a = noise_level if stochastic is None or k < stochastic else 0.0
+        mean = sde_mean(x, v, t, dt, a)
+        std = sde_std(t, a) * math.sqrt(dt)
         if std > 0:
             eps = torch.randn(x.shape, generator=generator, dtype=torch.float32).to(x.device)
             x = mean + std * eps
@@ -95,7 +104,7 @@ def sample_sde(velocity: Velocity, x0: torch.Tensor, token_sample: torch.Tensor,
             log_probs.append(torch.zeros(batch, dtype=torch.float32, device=x.device))
         states.append(x)
     v = velocity(x, full(ts[-1])).float()
-    return Trajectory(states, ts, torch.stack(log_probs), x + (1.0 - ts[-1]) * v)
+    return Trajectory(states, ts, torch.stack(log_probs), x + (1.0 - ts[-1]) * v, stochastic)
 
 
 def step_log_prob(velocity: Velocity, trajectory: Trajectory, k: int, token_sample: torch.Tensor, batch: int,

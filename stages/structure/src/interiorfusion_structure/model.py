@@ -80,8 +80,12 @@ class StructureModel(nn.Module):
             cond.tokens.device), cond.pooled, x.token_cond)
 
     def forward(self, batch: Mapping[str, Any], latent: FlowInput | None, occupancy: FlowInput | None,
-                drop: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-        cond = self.encode_conditions(batch, drop)
+                drop: Mapping[str, torch.Tensor] | None = None, cond: ConditionTokens | None = None
+                ) -> dict[str, torch.Tensor]:
+        """The flows' velocities; `cond`: the batch's condition tokens when the caller already has them (GRPO
+        re-evaluates many steps of one batch with a frozen condition encoder), else encoded here."""
+        if cond is None:
+            cond = self.encode_conditions(batch, drop)
         out: dict[str, torch.Tensor] = {}
         if latent is not None:
             out["latent"] = self.velocity("latent", latent, cond)
