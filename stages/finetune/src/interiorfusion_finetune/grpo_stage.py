@@ -258,7 +258,7 @@ class GRPOTask(TrainTask):
         kl = torch.zeros((), device=step.device)
         clip_fraction = torch.zeros((), device=step.device)
         n = 0
-        cond = self._frozen_conditions(step, rollout)
+        cond = self._frozen_conditions(rollout)
         for flow in rl.policy_flows:
             steps = rollout.flows[flow]
             traj, token_sample, dims = steps.trajectory, steps.segments.ids(), steps.dims.to(step.device)
@@ -285,15 +285,12 @@ class GRPOTask(TrainTask):
         policy, kl = policy / n, kl / n
         return policy + beta * kl, policy.detach(), kl.detach(), clip_fraction / n
 
-    def _frozen_conditions(self, step: StepContext, rollout: Rollout) -> ConditionTokens | None:
-        """The batch's condition tokens, encoded once per iteration where the condition encoder is frozen (LoRA
-        adapters sit on the flows' blocks only, so it is the same function for the policy and its reference);
-        None under `rl.policy: full`, where it trains and each forward encodes with its gradient. Encoding in every
-        step's forward was most of an iteration's update time."""
-        if self.config.rl.policy == "full":
-            return None
-        with torch.no_grad():
-            return step.module.encode_conditions(rollout.batch, None)
+    def _frozen_conditions(self, rollout: Rollout) -> ConditionTokens | None:
+        """The condition tokens the update reuses: the rollout's own where the condition encoder is frozen (LoRA
+        adapters sit on the flows' blocks only, so it is the same function for the rollout, the policy and its
+        reference); None under `rl.policy: full`, where it trains and each forward encodes with its gradient.
+        Encoding in every step's forward was most of an iteration's update time."""
+        return None if self.config.rl.policy == "full" else rollout.cond
 
     def _reference_velocity(self, step: StepContext, rollout: Rollout, flow: str,
                             cond: ConditionTokens | None) -> Any:

@@ -55,6 +55,7 @@ class Rollout:
     batch: dict[str, Any]  # the condition batch with the frozen features (what the network's forward takes)
     cells: torch.Tensor  # [T, 4] latent cells (sample, x, y, z)
     flows: dict[str, FlowSteps]  # the policy's flows, sampled by the SDE
+    cond: ConditionTokens  # the batch's condition tokens as the rollout's network encoded them (no gradient)
     scenes: list[GeneratedScene]
 
     @property
@@ -83,8 +84,8 @@ def sample_rollouts(model: nn.Module, vae: nn.Module, frozen: Mapping[str, nn.Mo
     """One rollout per sample of `batch`, whose samples come in groups of `group` consecutive copies of one
     condition (one starting noise per group, see the module doc). The flows in `policy_flows` are sampled by the
     SDE with `steps` steps (only the first `stochastic` of them random, None: all); the others by their ODE with
-    the structure config's sampling steps. `model` is the
-    unwrapped network; rollouts need no gradients, so no wrapper's hooks."""
+    the structure config's sampling steps. `model` is the unwrapped network; rollouts need no gradients, so no
+    wrapper's hooks."""
     from interiorfusion_structure.conditions import frozen_features
     from interiorfusion_structure.lifting import cell_values, patch_values
     from interiorfusion_structure.task import lifted_depth
@@ -136,7 +137,7 @@ def sample_rollouts(model: nn.Module, vae: nn.Module, frozen: Mapping[str, nn.Mo
     scenes = decode_scenes(vae, cells, counts, x1, stats, compression, resolution, batch,
                            {"sampler": "sde", "steps": steps, "noise_level": noise_level,
                             "policy_flows": list(policy_flows)})
-    return Rollout(cond_batch, cells, flows, scenes)
+    return Rollout(cond_batch, cells, flows, cond, scenes)
 
 
 __all__ = ["FLOWS", "FlowSteps", "Rollout", "flow_velocity", "sample_rollouts"]
