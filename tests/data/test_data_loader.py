@@ -89,6 +89,22 @@ def test_order_is_deterministic_and_independent_of_workers(dataset_dir: Path) ->
     assert keys(loader) == a
 
 
+def test_read_ahead_gives_the_same_batches(dataset_dir: Path) -> None:
+    """Fetching the next samples on threads changes when bytes arrive, never what a batch holds."""
+    ds = open_dataset(dataset_dir, "train", require_manifest=False)
+
+    def batches(**kw: int) -> list[tuple[list[str], np.ndarray]]:
+        return [(b["keys"], b["coords"].numpy()) for b in SceneLoader(ds, 3, resolution=32, fields=("voxels",),
+                                                                         seed=2, **kw)]
+    plain = batches()
+    for kw in ({"read_ahead": 1}, {"read_ahead": 5}, {"read_ahead": 3, "num_workers": 2}):
+        got = batches(**kw)
+        assert [k for k, _ in got] == [k for k, _ in plain], kw
+        assert all(np.array_equal(a, b) for (_, a), (_, b) in zip(got, plain, strict=True)), kw
+    with pytest.raises(UserError, match="read_ahead must be >= 0"):
+        SceneLoader(ds, 3, read_ahead=-1)
+
+
 def test_ranks_are_disjoint_and_cover_the_split(dataset_dir: Path) -> None:
     ds = open_dataset(dataset_dir, "train", require_manifest=False)
     per_rank = [keys(SceneLoader(ds, 2, fields=("layout",), seed=1, rank=r, world_size=3)) for r in range(3)]
@@ -146,6 +162,16 @@ def test_corrupt_sample_is_skipped_counted_and_named(copy: Path, caplog: pytest.
     assert loader.metrics()["data/corrupt_fraction"] == pytest.approx(1 / 14)
     assert bad in loader.corrupt_names[0]
     assert any(bad in r.getMessage() for r in caplog.records)
+
+
+def test_read_ahead_skips_corrupt_and_missing_samples_alike(copy: Path) -> None:
+    bad = corrupt_one_sample(copy)
+    (copy / "train/shard-000002.tar").unlink()
+    ds = open_dataset(copy, "train", require_manifest=False)
+    plain = SceneLoader(ds, 4, fields=("layout",), max_corrupt_fraction=0.5, shuffle=False)
+    ahead = SceneLoader(ds, 4, fields=("layout",), max_corrupt_fraction=0.5, shuffle=False, read_ahead=4)
+    assert keys(ahead) == keys(plain) and bad not in keys(ahead)
+    assert ahead.corrupt_total == plain.corrupt_total == 5  # the corrupt sample and the missing shard's four
 
 
 def test_truncated_shard_loses_only_its_tail(copy: Path) -> None:

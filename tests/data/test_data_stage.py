@@ -119,6 +119,8 @@ def test_stage_writes_to_s3_and_the_loader_streams_it_back(s3_env: str, tmp_path
     loader = SceneLoader(ds, 1, resolution=64, num_workers=2, seed=0)
     keys = [k for b in loader for k in b["keys"]]
     assert sorted(keys) == sorted(r.key for r in ds.refs) and loader.metrics()["data/corrupt_samples"] == 0
+    ahead = SceneLoader(ds, 1, resolution=64, num_workers=2, seed=0, read_ahead=3)  # ranged reads on threads
+    assert [k for b in ahead for k in b["keys"]] == keys
     # Same bytes as a local run of the same config.
     local = run_stage("data", SMOKE, output=str(tmp_path / "local"), overrides=["num_scenes=4", "render.views=1"])
     shas = lambda m: {k: v.sha256 for k, v in m.artifacts.items() if k.endswith(".tar")}  # noqa: E731

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -116,6 +117,35 @@ def test_s3_store_range_reads(s3_env: str, monkeypatch: pytest.MonkeyPatch) -> N
     monkeypatch.setattr(client, "get_object", get_object)
     assert store.get_range("r/blob.bin", 3, 7) == DATA[3:7]
     assert sent == ["bytes=3-6"]  # one ranged GET; HTTP ranges are inclusive
+
+
+def _child_session_reuse(parent_session_id: int, queue: Any) -> None:
+    from interiorfusion_core import storage
+
+    storage.s3_client()
+    sessions = list(storage._S3_SESSIONS.values())
+    queue.put((len(sessions), id(sessions[0]) == parent_session_id, len(storage._S3_CLIENTS)))
+
+
+@pytest.mark.servers
+def test_a_forked_worker_builds_its_client_from_the_parents_session(s3_env: str) -> None:
+    """A DataLoader worker is forked afresh every epoch: its client comes from the session the parent made
+    (no second service-model load), and it is its own client (no connection shared across the fork)."""
+    import multiprocessing
+
+    from interiorfusion_core import storage
+
+    parent = storage.s3_client()
+    session_id = id(next(iter(storage._S3_SESSIONS.values())))
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_child_session_reuse, args=(session_id, queue))
+    proc.start()
+    sessions, same, clients = queue.get(timeout=60)
+    proc.join(60)
+    assert sessions == 1 and same  # the parent's session, inherited
+    assert clients == 2  # the parent's (pid-keyed, unused) and the child's own
+    assert storage.s3_client() is parent
 
 
 @pytest.mark.servers

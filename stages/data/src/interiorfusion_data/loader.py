@@ -14,6 +14,10 @@ batches w, w + W, w + 2W, … and torch hands them out round-robin, so the consu
 whatever the worker count. Each batch says where it ends in the sequence; the loader's cursor is the end of the
 last batch it yielded, so `state_dict()` after any batch resumes at the next sample.
 
+Read-ahead: each worker fetches the raw bytes of its next `read_ahead` samples (one ranged read each, checksum
+verified) on a few threads while it decodes the current one, so an object store's per-request latency overlaps
+the decoding instead of adding to it. Batches are the same with any read_ahead (0: fetch, then decode, in turn).
+
 Corrupt samples (bad checksum, truncated shard, undecodable member) are skipped, logged by name and counted;
 when more than `max_corrupt_fraction` of the epoch's samples are corrupt, iteration stops with a UserError.
 Samples without voxel labels (version-1 shards, unlabelled imports) are read with labels "unknown" and counted
@@ -24,9 +28,11 @@ counted too (`data/samples_without_lights`); `has_lights` marks them in a batch.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import logging
+from collections import deque
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,6 +51,7 @@ from interiorfusion_data.shards import sample_members
 log = logging.getLogger("interiorfusion_data")
 STATE_FORMAT = 1
 ALL_FIELDS = ("voxels", "views", "layout")
+READ_AHEAD_THREADS = 4  # per worker: enough requests in flight to hide an object store's latency
 
 
 @dataclass(frozen=True)
@@ -102,9 +109,15 @@ class SceneDataset:
             views: list[int] | int | None = None, view_seed: tuple[int, ...] | None = None) -> dict[str, Any]:
         """Decoded sample i (see format.decode_sample); `views`: None (all), a list, or a count K (the first K,
         or K drawn deterministically from `view_seed`)."""
+        return self.decode(i, self.members(i), resolution, fields, views, view_seed)
+
+    def decode(self, i: int, members: dict[str, bytes], resolution: int | None = None,
+               fields: Sequence[str] = ALL_FIELDS, views: list[int] | int | None = None,
+               view_seed: tuple[int, ...] | None = None) -> dict[str, Any]:
+        """Sample i decoded from its raw `members` (what `members(i)` returned; `get` is both in turn)."""
         ref = self.refs[i]
         try:
-            return decode_sample(self.members(i), resolution, tuple(fields), views, view_seed)
+            return decode_sample(members, resolution, tuple(fields), views, view_seed)
         except SampleError as exc:
             msg = str(exc)
             raise SampleError(msg if msg.startswith(ref.shard) else f"{ref.name}: {msg}") from None
@@ -216,8 +229,10 @@ class _BatchStream(IterableDataset):
     """What DataLoader workers iterate: batches b ≡ worker id (mod workers) of a fixed position list."""
 
     def __init__(self, dataset: SceneDataset, positions: list[int], start: int, batch_size: int, drop_last: bool,
-                 resolution: int | None, fields: tuple[str, ...], views: int | None, view_seed: tuple[int, ...] | None):
+                 resolution: int | None, fields: tuple[str, ...], views: int | None, view_seed: tuple[int, ...] | None,
+                 read_ahead: int = 0):
         self.dataset = dataset
+        self.read_ahead = read_ahead
         self.positions = positions
         self.start = start
         self.batch_size = batch_size
@@ -232,13 +247,16 @@ class _BatchStream(IterableDataset):
         wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
         n = len(self.positions)
         n_batches = n // self.batch_size if self.drop_last else -(-n // self.batch_size)
-        for b in range(wid, n_batches, nw):
-            span = self.positions[b * self.batch_size:(b + 1) * self.batch_size]
+        mine = list(range(wid, n_batches, nw))
+        spans = [self.positions[b * self.batch_size:(b + 1) * self.batch_size] for b in mine]
+        fetched = self._fetch([pos for span in spans for pos in span])
+        for b, span in zip(mine, spans, strict=True):
             samples, corrupt = [], []
             for pos in span:
                 try:
                     seed = (*self.view_seed, pos) if self.view_seed is not None else None
-                    samples.append(self.dataset.get(pos, self.resolution, self.fields, self.views, seed))
+                    samples.append(self.dataset.decode(pos, next(fetched)(), self.resolution, self.fields,
+                                                       self.views, seed))
                 except SampleError as exc:
                     log.warning("skipping corrupt sample %s", exc)
                     corrupt.append(str(exc))
@@ -251,6 +269,27 @@ class _BatchStream(IterableDataset):
                                 "count": len(samples), "unlabelled": unlabelled, "unlit": unlit,
                                 "no_layout": no_layout, "no_materials": no_materials}
             yield batch
+
+    def _fetch(self, order: list[int]) -> Iterator[Any]:
+        """For each position of `order` in turn, a callable returning its raw members (or raising what
+        `members` raised, in the consumer's thread). With read-ahead, up to `read_ahead` of them are in flight on
+        a thread pool: ranged reads and sha256 release the GIL, so they overlap the consumer's decoding."""
+        if self.read_ahead <= 0:
+            for pos in order:
+                yield lambda pos=pos: self.dataset.members(pos)
+            return
+        with ThreadPoolExecutor(max_workers=min(self.read_ahead, READ_AHEAD_THREADS),
+                                thread_name_prefix="shard-read-ahead") as pool:
+            todo = iter(order)
+            pending: deque[Future[dict[str, bytes]]] = deque(
+                pool.submit(self.dataset.members, pos) for pos in itertools.islice(todo, self.read_ahead))
+            while pending:
+                future = pending.popleft()
+                nxt = next(todo, None)
+                if nxt is not None:
+                    pending.append(pool.submit(self.dataset.members, nxt))
+                yield future.result
+            # An abandoned iteration (the consumer stopped) leaves at most read_ahead reads to finish.
 
 
 class SceneLoader:
@@ -275,6 +314,7 @@ class SceneLoader:
         drop_last: bool = False,
         equal_rank_lengths: bool = True,
         max_corrupt_fraction: float = 0.01,
+        read_ahead: int = 0,
     ):
         if batch_size < 1:
             raise UserError(f"batch_size must be >= 1, got {batch_size}")
@@ -297,6 +337,9 @@ class SceneLoader:
         self.drop_last = drop_last
         self.equal_rank_lengths = equal_rank_lengths
         self.max_corrupt_fraction = max_corrupt_fraction
+        if read_ahead < 0:
+            raise UserError(f"read_ahead must be >= 0, got {read_ahead}")
+        self.read_ahead = read_ahead
         self.epoch = 0
         self.consumed = 0
         self.corrupt_count = 0  # this epoch
@@ -369,7 +412,7 @@ class SceneLoader:
     def _stream(self, positions: list[int], start: int) -> _BatchStream:
         view_seed = (self.seed, self.epoch, 11) if self.random_views else None
         return _BatchStream(self.dataset, positions, start, self.batch_size, self.drop_last, self.resolution,
-                            self.fields, self.views, view_seed)
+                            self.fields, self.views, view_seed, self.read_ahead)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         positions = self.epoch_positions()
@@ -425,9 +468,10 @@ class SceneLoader:
 def make_loader(uri: str, split: str, batch_size: int, *, loader_config: Any | None = None, **kwargs: Any
                 ) -> SceneLoader:
     """Convenience for stages: a loader from a data-stage output URI and a core `DataLoaderConfig`
-    (num_workers, pin_memory, max_corrupt_fraction)."""
+    (num_workers, pin_memory, max_corrupt_fraction, read_ahead)."""
     if loader_config is not None:
         kwargs.setdefault("num_workers", loader_config.num_workers)
+        kwargs.setdefault("read_ahead", loader_config.read_ahead)
         kwargs.setdefault("pin_memory", loader_config.pin_memory)
         kwargs.setdefault("max_corrupt_fraction", loader_config.max_corrupt_fraction)
     return SceneLoader(open_dataset(uri, split), batch_size, **kwargs)

@@ -110,6 +110,7 @@ class VAETask(TrainTask):
             fields=FIELDS if views else ("voxels",), views=views or None, random_views=shuffle, shuffle=shuffle,
             seed=seed, rank=rank, world_size=world_size, num_workers=self.config.data.num_workers,
             pin_memory=self.config.data.pin_memory, max_corrupt_fraction=self.config.data.max_corrupt_fraction,
+            read_ahead=self.config.data.read_ahead,
         )
 
     def make_loader(self, phase: CurriculumPhase | None, rank: int, world_size: int, seed: int) -> SceneLoader:
