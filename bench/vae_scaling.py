@@ -37,6 +37,7 @@ import torch  # noqa: E402
 
 from bench._report import row as result_row  # noqa: E402
 from bench._report import write_json  # noqa: E402
+from interiorfusion_core.engine.host_memory import keep_large_allocations  # noqa: E402
 from interiorfusion_core.sparse import backend_status, resolve_backend  # noqa: E402
 from interiorfusion_data.config import DataStageConfig  # noqa: E402
 from interiorfusion_data.format import decode_sample  # noqa: E402
@@ -113,7 +114,7 @@ def loglog_slope(xs: list[float], ys: list[float]) -> float:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
-    ap.add_argument("--resolutions", type=int, nargs="+", default=[64, 128, 256])
+    ap.add_argument("--resolutions", type=int, nargs="+", default=[64, 128, 256, 512])
     ap.add_argument("--channels", type=int, nargs=5, default=[8, 16, 32, 32, 64], metavar="C",
                     help="widths N … N/16 (default: smoke widths)")
     ap.add_argument("--blocks", type=int, default=1, help="residual blocks per level")
@@ -131,6 +132,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="stop timing further steps at one resolution once this many seconds are spent")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: stable timings)")
     ap.add_argument("--target-exponent", type=float, default=2.2)
+    ap.add_argument("--glibc-default-malloc", action="store_true",
+                    help="leave glibc's mmap of large blocks on (the trainer turns it off on CPU: host_memory.py)")
     ap.add_argument("--json", type=Path, help="also write the results here")
     args = ap.parse_args(argv)
 
@@ -139,6 +142,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"--device {args.device}: torch {torch.__version__} sees no CUDA device", file=sys.stderr)
         return 2
     torch.set_num_threads(args.threads)
+    heap = False if args.glibc_default_malloc else keep_large_allocations()  # as the trainer does on CPU
     torch.manual_seed(0)
     t_start = time.perf_counter()
     backend = resolve_backend(None if args.backend == "auto" else args.backend, device)
@@ -201,6 +205,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\ngrowth exponent of step time vs N: {exponent:.2f} ({verdict} the {args.target_exponent} target; "
           f"N² = surface, N³ = volume)")
     print(f"voxels vs N: exponent {voxel_growth:.2f}; step time vs voxels: exponent {voxel_exponent:.2f}")
+    top_pair = sorted(rows, key=lambda x: x["resolution"])[-2:]
+    top_exponent = (math.log(top_pair[1]["s_per_step"] / top_pair[0]["s_per_step"])
+                    / math.log(top_pair[1]["voxels"] / top_pair[0]["voxels"])) if len(rows) > 1 else float("nan")
+    if len(rows) > 1:
+        print(f"step time vs voxels between {top_pair[0]['resolution']}³ and {top_pair[1]['resolution']}³: exponent "
+              f"{top_exponent:.2f}; large blocks {'kept in the heap' if heap else 'mmapped (glibc default)'}")
     total = time.perf_counter() - t_start
     print(f"total benchmark time {total:.0f}s")
 
@@ -217,7 +227,8 @@ def main(argv: list[str] | None = None) -> int:
                       "image_size": args.image_size},
             "rows": rows, "growth_exponent": exponent, "target_exponent": args.target_exponent,
             "voxel_growth_exponent": voxel_growth, "time_vs_voxels_exponent": voxel_exponent,
-            "data_build_s": t_data, "total_s": total,
+            "data_build_s": t_data, "total_s": total, "top_interval_exponent": top_exponent,
+            "large_allocations_in_heap": heap,
         }
         threads = torch.get_num_threads()
         where = "CUDA" if device.type == "cuda" else f"{threads} thread{'s' if threads > 1 else ''}"
@@ -231,6 +242,11 @@ def main(argv: list[str] | None = None) -> int:
             table.append(result_row(f"growth exponent of step time vs N ({', '.join(f'{r}³' for r in resolutions)})",
                                     exponent, "", "exponent of the voxel count vs N", voxel_growth,
                                     target=f"≤ {args.target_exponent:g}"))
+            table.append(result_row("exponent of step time vs voxel count", voxel_exponent, "",
+                                    "linear in voxels", 1.0, target="≤ 1.05"))
+            table.append(result_row(f"exponent of step time vs voxel count, {top_pair[0]['resolution']}³ → "
+                                    f"{top_pair[1]['resolution']}³", top_exponent, "", "linear in voxels", 1.0,
+                                    target="≤ 1.05"))
         write_json(args.json, "vae_scaling", table, details, headline=headline)
     return 0
 

@@ -63,6 +63,7 @@ from interiorfusion_core.engine.distributed import (
     unwrap,
 )
 from interiorfusion_core.engine.ema import EMA
+from interiorfusion_core.engine.host_memory import keep_large_allocations
 from interiorfusion_core.engine.schedule import (
     Phase,
     grendel_scaling,
@@ -198,6 +199,7 @@ class Trainer:
         self.rt = rt = make_runtime(t)
         if rt.device.type == "cpu":
             torch.set_num_threads(cpu_threads(t.cpu_threads))
+            keep_large_allocations()  # large activations reused from the heap, not faulted in every step
         if (self.ctx.rank, self.ctx.world_size) != (rt.rank, rt.world_size):
             log.warning("context says rank %s/%s, accelerate says %s/%s; using accelerate's",
                         self.ctx.rank, self.ctx.world_size, rt.rank, rt.world_size)
