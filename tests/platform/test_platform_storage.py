@@ -119,12 +119,14 @@ def test_s3_store_range_reads(s3_env: str, monkeypatch: pytest.MonkeyPatch) -> N
     assert sent == ["bytes=3-6"]  # one ranged GET; HTTP ranges are inclusive
 
 
-def _child_session_reuse(parent_session_id: int, queue: Any) -> None:
+def _child_session_reuse(queue: Any) -> None:
     from interiorfusion_core import storage
 
+    sessions = len(storage._S3_SESSIONS)
+    clients = len(storage._S3_CLIENTS)
     storage.s3_client()
-    sessions = list(storage._S3_SESSIONS.values())
-    queue.put((len(sessions), id(sessions[0]) == parent_session_id, len(storage._S3_CLIENTS)))
+    queue.put((len(storage._S3_SESSIONS) - sessions, id(storage._S3_SESSIONS[storage._credentials()]),
+               len(storage._S3_CLIENTS) - clients))
 
 
 @pytest.mark.servers
@@ -136,15 +138,15 @@ def test_a_forked_worker_builds_its_client_from_the_parents_session(s3_env: str)
     from interiorfusion_core import storage
 
     parent = storage.s3_client()
-    session_id = id(next(iter(storage._S3_SESSIONS.values())))
+    session_id = id(storage._S3_SESSIONS[storage._credentials()])
     ctx = multiprocessing.get_context("fork")
     queue = ctx.Queue()
-    proc = ctx.Process(target=_child_session_reuse, args=(session_id, queue))
+    proc = ctx.Process(target=_child_session_reuse, args=(queue,))
     proc.start()
-    sessions, same, clients = queue.get(timeout=60)
+    new_sessions, child_session_id, new_clients = queue.get(timeout=60)
     proc.join(60)
-    assert sessions == 1 and same  # the parent's session, inherited
-    assert clients == 2  # the parent's (pid-keyed, unused) and the child's own
+    assert new_sessions == 0 and child_session_id == session_id  # the parent's session, inherited
+    assert new_clients == 1  # the child's own client (its pid is part of the client's key)
     assert storage.s3_client() is parent
 
 

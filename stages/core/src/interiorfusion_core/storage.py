@@ -293,6 +293,12 @@ def _fresh_lock_after_fork() -> None:
 os.register_at_fork(after_in_child=_fresh_lock_after_fork)
 
 
+def _credentials() -> tuple[str | None, ...]:
+    """What a boto3 session resolves its credentials from (the key of _S3_SESSIONS)."""
+    return tuple(os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
+                                             "AWS_PROFILE"))
+
+
 def s3_client() -> Any:
     """One boto3 client per process and endpoint, configured from the environment."""
     import boto3
@@ -300,8 +306,7 @@ def s3_client() -> Any:
 
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
     attempts = int(os.environ.get("INTERIORFUSION_S3_MAX_ATTEMPTS", "5"))
-    credentials = tuple(os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
-                                                    "AWS_SESSION_TOKEN", "AWS_PROFILE"))
+    credentials = _credentials()
     key = (endpoint, attempts, os.environ.get("AWS_ACCESS_KEY_ID"), os.getpid())
     with _S3_LOCK:
         if key not in _S3_CLIENTS:
