@@ -11,7 +11,10 @@ torch.cuda.synchronize() around every run; --threads applies to CPU runs only.
 Reports, per case, the neighbour-map build alone, forward+backward with the map cached (what every layer
 after the first pays in a U-Net), and forward+backward including a fresh map build; each as the best and
 median wall time of --reps runs plus the best process CPU time (steadier on a shared machine). The ratio
-torch/spconv is computed from numbers measured in this same run. Scenes are plain functions in SCENES;
+torch/spconv is computed from numbers measured in this same run. On CPU the torch backend is also set against its
+floors, measured in the same run on the same blocks: its matmuls alone (the compute floor of gather -> matmul ->
+scatter) and the bytes each pair must move at the machine's measured copy bandwidth; with its gathers and
+scatters timed alone, they say which part bounds it at each thread count. Scenes are plain functions in SCENES;
 the data stage's real scenes can be plugged in the same way.
 """
 
@@ -191,10 +194,75 @@ def spconv_native_case(
     return result, out
 
 
-def headline_rows(cases: list[dict], cuda: bool, voxels: int, resolution: int) -> list[dict]:
+def floors_case(
+    feats: torch.Tensor, grad: torch.Tensor, weight: torch.Tensor, kmap, threads: int, reps: int
+) -> dict:
+    """What bounds the torch backend's forward+backward at `threads`, measured in this run on the same blocks:
+
+    - ``gemm_s``: its matmuls alone (forward, input gradient, weight gradient; the identity offset included) on
+      blocks of the sizes it uses, with nothing gathered or scattered: the compute floor of this algorithm;
+    - ``gather_s`` / ``scatter_s``: its index_select and index_add_ alone (3 gathers and 2 scatters per pair);
+    - ``bytes_floor_s``: the bytes every pair must move at least once (its input row read and its output row
+      written, for each of the three products) at the copy bandwidth measured here (``copy_gb_s``).
+    """
+    from interiorfusion_core.sparse import backend_torch as bt
+
+    torch.set_num_threads(threads)
+    chunk = bt._chunk(feats.device, None)
+    blocks = list(bt._blocks(kmap, chunk))
+    cin, cout = weight.shape[1], weight.shape[2]
+    m = max((b - a for _, a, b in blocks), default=1)
+    a_in, a_out = feats.new_empty(m, cin), feats.new_empty(m, cout)
+    grad_w = torch.zeros_like(weight)
+    out = feats.new_zeros(kmap.n_out, cout)
+
+    def gemms() -> None:
+        feats @ weight[kmap.identity]
+        grad @ weight[kmap.identity].t()
+        feats.t() @ grad
+        for k, a, b in blocks:
+            n = b - a
+            torch.mm(a_in[:n], weight[k], out=a_out[:n])  # forward
+            torch.mm(a_out[:n], weight[k].t(), out=a_in[:n])  # input gradient
+            grad_w[k].addmm_(a_in[:n].t(), a_out[:n])  # weight gradient
+
+    def gathers() -> None:
+        for _, a, b in blocks:
+            n = b - a
+            torch.index_select(feats, 0, kmap.in_idx[a:b], out=a_in[:n])
+            torch.index_select(grad, 0, kmap.out_idx[a:b], out=a_out[:n])
+            torch.index_select(feats, 0, kmap.in_idx[a:b], out=a_in[:n])
+
+    def scatters() -> None:
+        for _, a, b in blocks:
+            n = b - a
+            out.index_add_(0, kmap.out_idx[a:b], a_out[:n])
+            out.index_add_(0, kmap.in_idx[a:b], a_in[:n])
+
+    src = torch.empty(1 << 26, device=feats.device)  # 256 MiB: far beyond the caches
+    dst = torch.empty_like(src)
+    copy = measure(lambda: dst.copy_(src), reps)["best_s"]
+    copy_gb_s = 2 * src.numel() * src.element_size() / copy / 1e9  # read + write
+    pairs = kmap.num_pairs()
+    floor_bytes = 3 * pairs * (cin + cout) * feats.element_size()
+    return {
+        "threads": threads,
+        "flops": 3 * 2 * pairs * cin * cout,
+        "gemm_s": measure(gemms, reps)["best_s"],
+        "gather_s": measure(gathers, reps)["best_s"],
+        "scatter_s": measure(scatters, reps)["best_s"],
+        "copy_gb_s": copy_gb_s,
+        "bytes_floor_s": floor_bytes / (copy_gb_s * 1e9),
+        "bytes": floor_bytes,
+    }
+
+
+def headline_rows(cases: list[dict], cuda: bool, voxels: int, resolution: int,
+                  floors: list[dict] | None = None) -> list[dict]:
     """The table's rows: torch backend vs spconv's own module (best spconv case on CUDA), same run, best wall
     time of forward+backward with the map cached (the cost of every layer after the first) and with a fresh map;
-    on CPU also the process CPU time at one thread (steadier on a shared machine)."""
+    on CPU also the process CPU time at one thread (steadier on a shared machine), the speed-up from 1 to 2
+    threads, and the 1-thread time against its floors (`floors_case`)."""
     conv = f"32→32 k3 submanifold conv, {voxels / 1000:.0f}k voxels in {resolution}³: fwd+bwd"
     key, fresh = "fwd_bwd_cached_map", "fwd_bwd_with_map"
     spconvs = [c for c in cases if c["backend"].startswith("spconv")]
@@ -211,7 +279,7 @@ def headline_rows(cases: list[dict], cuda: bool, voxels: int, resolution: int) -
     rows = []
     for c in (c for c in cases if c["backend"] == "torch"):
         where = "CUDA" if cuda else f"{c['threads']} thread{'s' if c['threads'] > 1 else ''}"
-        target = "≤ 0.5 s (quiet machine)" if not cuda and c["threads"] == 1 else None
+        target = "≤ 0.18 s (quiet machine)" if not cuda and c["threads"] == 1 else None
         rows.append(row(f"{'fwd+bwd' if rows else conv}, cached map, torch backend, {where}", c[key]["best_s"],
                         "s", *base(ref, key), target=target))
     one = next((c for c in cases if c["backend"] == "torch" and (cuda or c["threads"] == 1)), None)
@@ -222,6 +290,18 @@ def headline_rows(cases: list[dict], cuda: bool, voxels: int, resolution: int) -
             label, value = base(ref, key, "cpu_best_s")
             rows.append(row("fwd+bwd, cached map, torch backend, 1 thread, CPU time", one[key]["cpu_best_s"], "s",
                             label and f"{label}, CPU time", value))
+    if not cuda and one is not None:
+        two = next((c for c in cases if c["backend"] == "torch" and c["threads"] == 2), None)
+        if two is not None:
+            rows.append(row("speed-up of 2 threads over 1 (cached map)", one[key]["best_s"] / two[key]["best_s"],
+                            "×", "1 thread", 1.0, target="≥ 1.5× (quiet machine)"))
+        fl = next((f for f in floors or [] if f["threads"] == 1), None)
+        if fl is not None:
+            rows.append(row("fwd+bwd, 1 thread, against its matmuls alone (compute floor)", one[key]["best_s"], "s",
+                            f"the same blocks' matmuls, {fl['flops'] / 1e9:.1f} GFLOP", fl["gemm_s"]))
+            rows.append(row("fwd+bwd, 1 thread, against the bytes it must move", one[key]["best_s"], "s",
+                            f"{fl['bytes'] / 1e9:.2f} GB at {fl['copy_gb_s']:.1f} GB/s (copy, same run)",
+                            fl["bytes_floor_s"]))
     return rows
 
 
@@ -310,6 +390,7 @@ def main(argv: list[str] | None = None) -> int:
             record("minkowski", th, res, out, "backend: MinkowskiEngine")
     else:
         print("minkowski: not installed (see docs/sparse.md for the source build)")
+    floors = [floors_case(feats, grad, weight, kmap, th, args.reps) for th in torch_threads]
     torch.set_num_threads(threads_before)
 
     hdr = (
@@ -329,6 +410,12 @@ def main(argv: list[str] | None = None) -> int:
         f"(seconds; best wall of {args.reps} runs after a warm-up unless marked; cpu = best process CPU time"
         + ("; CUDA synchronised before and after every run)" if cuda else ")")
     )
+
+    print("\nwhat bounds the torch backend (its parts alone, same blocks; best wall of each):")
+    print(f"{'thr':>4}{'matmuls':>10}{'gathers':>10}{'scatters':>10}{'GFLOP/s':>9}{'bytes floor':>13}{'copy GB/s':>11}")
+    for fl in floors:
+        print(f"{fl['threads']:>4}{fl['gemm_s']:>10.4f}{fl['gather_s']:>10.4f}{fl['scatter_s']:>10.4f}"
+              f"{fl['flops'] / fl['gemm_s'] / 1e9:>9.1f}{fl['bytes_floor_s']:>13.4f}{fl['copy_gb_s']:>11.1f}")
 
     ratios = {}
     torch_cases = [c for c in cases if c["backend"] == "torch"]
@@ -371,10 +458,11 @@ def main(argv: list[str] | None = None) -> int:
             "pairs": pairs,
             "torch": torch.__version__,
             "cases": cases,
+            "floors": floors,
             "ratios": ratios,
             "total_s": total,
         }
-        write_json(args.json, "sparse_conv", headline_rows(cases, cuda, n, args.resolution), details,
+        write_json(args.json, "sparse_conv", headline_rows(cases, cuda, n, args.resolution, floors), details,
                    headline=headline)
     return 0
 

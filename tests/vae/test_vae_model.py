@@ -31,6 +31,17 @@ def test_lookup_rows() -> None:
     assert lookup_rows(query, table).tolist() == [1, -1, 2]
 
 
+def test_lookup_rows_matches_a_dictionary_for_unsorted_queries_with_repeats_and_misses() -> None:
+    g = torch.Generator().manual_seed(0)
+    table = torch.unique(torch.randint(0, 12, (400, 4), generator=g), dim=0)
+    table = table[torch.randperm(len(table), generator=g)]
+    query = torch.cat([table[torch.randint(0, len(table), (300,), generator=g)],
+                       torch.randint(0, 14, (300, 4), generator=g)])[torch.randperm(600, generator=g)]
+    where = {tuple(c): i for i, c in enumerate(table.tolist())}
+    assert lookup_rows(query, table).tolist() == [where.get(tuple(c), -1) for c in query.tolist()]
+    assert lookup_rows(query[:0], table).tolist() == []
+
+
 def test_sixteen_fold_compression_and_latent_coordinates() -> None:
     occ = _room()
     material = torch.rand(len(occ), 8)

@@ -25,8 +25,11 @@ import torch
 
 from .tensor import CoordinateCache, SparseTensor, _triple, linear_keys
 
-# Dense lookup tables up to this many cells (int32: 128 MiB); beyond it, sorted keys + searchsorted.
-DENSE_TABLE_MAX_CELLS = 1 << 25
+# Dense lookup tables up to this many cells (int32: 1 GiB, one 512³ grid with its border); beyond it, sorted keys +
+# searchsorted. The binary searches are what made a 512³ VAE step cost more per voxel than a 256³ one (the limit was
+# 128 MiB, so 256³ was dense and 512³ searched): 7.4 s against 8.3 s per step, exponent vs voxels 1.04 against 1.08.
+# On CPU the table is one reused scratch buffer; on a GPU a transient allocation.
+DENSE_TABLE_MAX_CELLS = 1 << 28
 
 
 def kernel_offsets(
