@@ -11,7 +11,8 @@ training batch of one; the sparse tensor and its neighbour maps are rebuilt ever
 
 Reported per resolution: active (surface) voxels, seconds per step (median of the timed steps after a warm-up;
 fewer timed steps when a step is slow, never a smaller scene), the forward+losses / backward / optimizer split,
-time per voxel, and on CUDA the peak memory. The growth exponent is the log-log least-squares slope of step
+time per voxel, and the peak memory (on CUDA the allocator's peak; on CPU the process's peak resident memory
+during that size's steps over its size before the first one, /proc/self/status). The growth exponent is the log-log least-squares slope of step
 time against the resolution N: surface work grows like N² (volume would be N³), so ≈ 2 is the target (≤ 2.2).
 The slope against the voxel count (≈ 1 when cost is linear in active voxels) is reported beside it.
 On CPU the default is one torch thread (stable on a shared machine); --threads changes it.
@@ -108,6 +109,26 @@ def time_steps(task: VAETask, model: torch.nn.Module, opt: torch.optim.Optimizer
             "timed_steps": len(phases["step"]), "losses": losses}
 
 
+def _proc_status_kib(field: str) -> int | None:
+    """A field of /proc/self/status in KiB (VmRSS, VmHWM), or None where there is no such file."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def reset_peak_rss() -> bool:
+    """Reset the process's peak resident set (VmHWM) to its current size (Linux ≥ 4.0: clear_refs 5)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
+
+
 def loglog_slope(xs: list[float], ys: list[float]) -> float:
     lx, ly = [math.log(x) for x in xs], [math.log(y) for y in ys]
     mx, my = statistics.fmean(lx), statistics.fmean(ly)
@@ -170,7 +191,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"model channels={args.channels} blocks={args.blocks} latent_dim={args.latent_dim}, fp32, AdamW")
 
     rows = []
-    for r in resolutions:
+    rss_base = _proc_status_kib("VmRSS")
+    for r in sorted(resolutions):
         torch.manual_seed(0)
         model = build_vae(config)
         model.set_material_prior(batches[r]["feats"].float().mean(0))
@@ -179,11 +201,18 @@ def main(argv: list[str] | None = None) -> int:
         batch = task.to_device(batches[r], device)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
+        host_peak = device.type == "cpu" and reset_peak_rss()
         res = time_steps(task, model, opt, batch, device, args.reps, args.warmup, args.budget_s)
         voxels = int(batches[r]["num_voxels"][0])
         row = {"resolution": r, "voxels": voxels, **res, "us_per_voxel": 1e6 * res["s_per_step"] / voxels}
         if device.type == "cuda":
             row["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+        elif host_peak and rss_base is not None and (hwm := _proc_status_kib("VmHWM")) is not None:
+            # The process's peak resident memory during this size's steps over its size before the first one
+            # (the scenes built): the sizes run in ascending order, and freed heap memory is reused, not returned.
+            row["peak_mem_gib"] = (hwm - rss_base) / 2**20
+        if "peak_mem_gib" in row:
+            row["peak_bytes_per_voxel"] = row["peak_mem_gib"] * 2**30 / voxels
         rows.append(row)
         print(f"  {r:>4}³ {voxels:>8} voxels  {res['s_per_step']:8.3f} s/step  ({res['timed_steps']} timed, "
               f"warm-up {sum(res['warmup_s']):.2f}s)  loss {res['losses']['loss']:.4f}", flush=True)
@@ -193,16 +222,16 @@ def main(argv: list[str] | None = None) -> int:
     voxel_exponent = loglog_slope([r["voxels"] for r in rows], [r["s_per_step"] for r in rows])
     voxel_growth = loglog_slope([r["resolution"] for r in rows], [r["voxels"] for r in rows])
 
-    mem = device.type == "cuda"
+    mem = all("peak_mem_gib" in r for r in rows)
     hdr = (f"{'res':>6}{'voxels':>10}{'s/step':>10}{'(best)':>9}{'fwd+loss':>10}{'bwd':>9}{'opt':>8}"
-           f"{'µs/voxel':>10}{'steps':>7}" + (f"{'peak GiB':>10}" if mem else ""))
+           f"{'µs/voxel':>10}{'steps':>7}" + (f"{'peak GiB':>10}{'B/voxel':>9}" if mem else ""))
     print("\n" + hdr + "\n" + "-" * len(hdr))
     for row in rows:
         s = row["split_s"]
         print(f"{row['resolution']:>5}³{row['voxels']:>10}{row['s_per_step']:>10.3f}{row['best_s']:>9.3f}"
               f"{s['forward_losses']:>10.3f}{s['backward']:>9.3f}{s['optimizer']:>8.3f}"
               f"{row['us_per_voxel']:>10.2f}{row['timed_steps']:>7}"
-              + (f"{row['peak_mem_gib']:>10.2f}" if mem else ""))
+              + (f"{row['peak_mem_gib']:>10.2f}{row['peak_bytes_per_voxel']:>9.0f}" if mem else ""))
     print(f"(seconds per step: median of the timed steps after {args.warmup} warm-up step(s); "
           f"split columns are medians too)")
     verdict = "within" if exponent <= args.target_exponent else "ABOVE"
@@ -263,6 +292,12 @@ def main(argv: list[str] | None = None) -> int:
             if device.type == "cpu":
                 table.append(result_row("the same from the best CPU time per step (steadier on a shared machine)",
                                         cpu_top, "", "linear in voxels", 1.0, target="≤ 1.05"))
+            lo, hi = top_pair
+            if "peak_bytes_per_voxel" in lo and "peak_bytes_per_voxel" in hi:
+                kind = "GPU memory allocated" if device.type == "cuda" else "resident memory"
+                table.append(result_row(f"peak {kind} per voxel at {hi['resolution']}³", hi["peak_bytes_per_voxel"],
+                                        "B", f"the same at {lo['resolution']}³", lo["peak_bytes_per_voxel"],
+                                        target="flat (ratio ≈ 1)"))
         write_json(args.json, "vae_scaling", table, details, headline=headline)
     return 0
 
