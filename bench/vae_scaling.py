@@ -12,8 +12,9 @@ training batch of one; the sparse tensor and its neighbour maps are rebuilt ever
 Reported per resolution: active (surface) voxels, seconds per step (median of the timed steps after a warm-up;
 fewer timed steps when a step is slow, never a smaller scene), the forward+losses / backward / optimizer split,
 time per voxel, and the peak memory (on CUDA the allocator's peak; on CPU the process's peak resident memory
-during that size's steps over its size before the first one, /proc/self/status). The growth exponent is the log-log least-squares slope of step
-time against the resolution N: surface work grows like N² (volume would be N³), so ≈ 2 is the target (≤ 2.2).
+during that size's steps over its size before the first one, /proc/self/status). The growth exponent is the
+log-log least-squares slope of step time against the resolution N: surface work grows like N² (volume would be
+N³), so ≈ 2 is the target (≤ 2.2).
 The slope against the voxel count (≈ 1 when cost is linear in active voxels) is reported beside it.
 On CPU the default is one torch thread (stable on a shared machine); --threads changes it.
 """
