@@ -47,6 +47,7 @@ def _reset_s3_clients() -> None:
     from interiorfusion_core import storage
 
     storage._S3_CLIENTS.clear()
+    storage._S3_SPARES.clear()
 
 
 @pytest.fixture

@@ -119,34 +119,42 @@ def test_s3_store_range_reads(s3_env: str, monkeypatch: pytest.MonkeyPatch) -> N
     assert sent == ["bytes=3-6"]  # one ranged GET; HTTP ranges are inclusive
 
 
-def _child_session_reuse(queue: Any) -> None:
+def _child_session_reuse(queue: Any, bucket: str) -> None:
     from interiorfusion_core import storage
 
     sessions = len(storage._S3_SESSIONS)
     clients = len(storage._S3_CLIENTS)
-    storage.s3_client()
+    client = storage.s3_client()
+    client.head_bucket(Bucket=bucket)  # its own connections work
     queue.put((len(storage._S3_SESSIONS) - sessions, id(storage._S3_SESSIONS[storage._credentials()]),
-               len(storage._S3_CLIENTS) - clients))
+               len(storage._S3_CLIENTS) - clients, id(client)))
 
 
 @pytest.mark.servers
-def test_a_forked_worker_builds_its_client_from_the_parents_session(s3_env: str) -> None:
-    """A DataLoader worker is forked afresh every epoch: its client comes from the session the parent made
-    (no second service-model load), and it is its own client (no connection shared across the fork)."""
+def test_a_forked_worker_takes_the_parents_unused_spare_client(s3_env: str) -> None:
+    """A DataLoader worker is forked afresh every epoch: it builds no session and no client, but takes the spare
+    its parent built beside its own and never used (so no connection is shared across the fork); the parent
+    keeps its spare for the next fork."""
     import multiprocessing
 
     from interiorfusion_core import storage
 
     parent = storage.s3_client()
+    parent.head_bucket(Bucket=s3_env.removeprefix("s3://").split("/")[0])  # the parent's own client has connected
     session_id = id(storage._S3_SESSIONS[storage._credentials()])
+    spares = [c for pid, c in storage._S3_SPARES.values() if pid == os.getpid()]
+    assert len(spares) >= 1 and all(c is not parent for c in spares)
     ctx = multiprocessing.get_context("fork")
-    queue = ctx.Queue()
-    proc = ctx.Process(target=_child_session_reuse, args=(queue,))
-    proc.start()
-    new_sessions, child_session_id, new_clients = queue.get(timeout=60)
-    proc.join(60)
-    assert new_sessions == 0 and child_session_id == session_id  # the parent's session, inherited
-    assert new_clients == 1  # the child's own client (its pid is part of the client's key)
+    for _ in range(2):  # two epochs' workers: the same spare serves both
+        queue = ctx.Queue()
+        proc = ctx.Process(target=_child_session_reuse, args=(queue, s3_env.removeprefix("s3://").split("/")[0]))
+        proc.start()
+        new_sessions, child_session_id, new_clients, child_client = queue.get(timeout=60)
+        proc.join(60)
+        assert proc.exitcode == 0
+        assert new_sessions == 0 and child_session_id == session_id  # the parent's session, inherited
+        assert new_clients == 1  # the child's own entry (its pid is part of the client's key) ...
+        assert child_client in {id(c) for c in spares} and child_client != id(parent)  # ... the unused spare
     assert storage.s3_client() is parent
 
 
