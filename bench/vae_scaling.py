@@ -239,14 +239,15 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\ngrowth exponent of step time vs N: {exponent:.2f} ({verdict} the {args.target_exponent} target; "
           f"N² = surface, N³ = volume)")
     print(f"voxels vs N: exponent {voxel_growth:.2f}; step time vs voxels: exponent {voxel_exponent:.2f}")
-    top_pair = sorted(rows, key=lambda x: x["resolution"])[-2:]
-    top_exponent = (math.log(top_pair[1]["s_per_step"] / top_pair[0]["s_per_step"])
-                    / math.log(top_pair[1]["voxels"] / top_pair[0]["voxels"])) if len(rows) > 1 else float("nan")
+    top_pair = rows[-2:]  # rows run in ascending resolution
+
+    def vs_voxels(of: list[dict[str, Any]], key: str) -> float:
+        return loglog_slope([r["voxels"] for r in of], [r[key] for r in of]) if len(of) > 1 else float("nan")
+
+    top_exponent = vs_voxels(top_pair, "s_per_step")
     # The best process CPU time of a step: on one thread it leaves out the time other jobs of a shared machine
     # hold the core (wall-clock exponents of one interval moved 0.86-1.17 between identical runs here).
-    cpu_exponent = loglog_slope([r["voxels"] for r in rows], [r["cpu_best_s"] for r in rows])
-    cpu_top = (math.log(top_pair[1]["cpu_best_s"] / top_pair[0]["cpu_best_s"])
-               / math.log(top_pair[1]["voxels"] / top_pair[0]["voxels"])) if len(rows) > 1 else float("nan")
+    cpu_exponent, cpu_top = vs_voxels(rows, "cpu_best_s"), vs_voxels(top_pair, "cpu_best_s")
     cpu_list = ", ".join(f"{r['cpu_best_s']:.3f}" for r in rows)
     if len(rows) > 1:
         print(f"step time vs voxels between {top_pair[0]['resolution']}³ and {top_pair[1]['resolution']}³: exponent "

@@ -139,15 +139,16 @@ def test_a_forked_worker_takes_the_parents_unused_spare_client(s3_env: str) -> N
 
     from interiorfusion_core import storage
 
+    bucket = s3_env.removeprefix("s3://").split("/")[0]
     parent = storage.s3_client()
-    parent.head_bucket(Bucket=s3_env.removeprefix("s3://").split("/")[0])  # the parent's own client has connected
+    parent.head_bucket(Bucket=bucket)  # the parent's own client has connected
     session_id = id(storage._S3_SESSIONS[storage._credentials()])
     spares = [c for pid, c in storage._S3_SPARES.values() if pid == os.getpid()]
     assert len(spares) >= 1 and all(c is not parent for c in spares)
     ctx = multiprocessing.get_context("fork")
     for _ in range(2):  # two epochs' workers: the same spare serves both
         queue = ctx.Queue()
-        proc = ctx.Process(target=_child_session_reuse, args=(queue, s3_env.removeprefix("s3://").split("/")[0]))
+        proc = ctx.Process(target=_child_session_reuse, args=(queue, bucket))
         proc.start()
         new_sessions, child_session_id, new_clients, child_client = queue.get(timeout=60)
         proc.join(60)

@@ -279,8 +279,8 @@ class LocalStore(ArtifactStore):
 
 _S3_CLIENTS: dict[tuple, Any] = {}
 # boto3 sessions by credentials. A session holds no connection (its clients do), so one made before a fork serves
-# the children: a DataLoader worker (forked afresh every epoch) then builds its client in ~8 ms instead of the
-# ~85 ms a new session costs (loading the service model again), most of an S3 epoch's start-up gap to local disk.
+# the children: a process that builds a client does so in ~8 ms instead of the ~85 ms a new session costs (loading
+# the service model again).
 _S3_SESSIONS: dict[tuple, Any] = {}
 # A spare client per configuration, built beside the process's own and never used by it: it has opened no
 # connection, so a forked child can take it as its own client instead of building one (~14 ms of the ~24 ms a
@@ -338,6 +338,7 @@ def s3_client() -> Any:
             max_pool_connections=32,
         )
         _S3_CLIENTS[key] = session.client("s3", endpoint_url=endpoint, config=config)
+        # Built like the process's own; no request is ever sent through it here.
         _S3_SPARES[config_key] = (os.getpid(), session.client("s3", endpoint_url=endpoint, config=config))
         return _S3_CLIENTS[key]
 
