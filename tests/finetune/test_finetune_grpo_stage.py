@@ -54,7 +54,8 @@ def test_kl_starts_at_zero_and_stays_bounded_against_the_same_iterations_at_lr_z
     print(f"\nGRPO smoke: mean reward {a['reward_mean']:.4f} vs lr 0 {b['reward_mean']:.4f}; last-half "
           f"{a['reward_last_half']:.4f} vs {b['reward_last_half']:.4f}; held-out (ODE) {a['heldout_reward']:.4f} vs "
           f"base {a['heldout_base_reward']:.4f}; training prompts (ODE) {a['train_reward']:.4f} vs base "
-          f"{a['train_base_reward']:.4f}; KL max {a['kl_max']:.2e}")
+          f"{a['train_base_reward']:.4f}; the truth's latents through the VAE: held-out "
+          f"{a['heldout_truth_reward']:.4f}, training prompts {a['train_truth_reward']:.4f}; KL max {a['kl_max']:.2e}")
     assert a["reward_first"] == b["reward_first"]  # the same rollouts until the policy moves
     assert a["kl_first"] == 0.0  # fresh adapters: the policy is its reference
     assert 0.0 < a["kl_max"] < 1.0  # bounded (nats per dimension)
@@ -67,6 +68,9 @@ def test_kl_starts_at_zero_and_stays_bounded_against_the_same_iterations_at_lr_z
     # The training prompts' ODE reward: the base scores them alike in both runs; at lr ≈ 0 tuned is the base.
     assert a["train_base_reward"] == pytest.approx(b["train_base_reward"], abs=1e-6)
     assert b["train_reward"] == pytest.approx(b["train_base_reward"], abs=1e-6)
+    # The ceiling is the conditions' own latents: no policy's, so both runs score it alike.
+    for key in ("heldout_truth_reward", "train_truth_reward"):
+        assert a[key] == b[key] and 0.0 <= a[key] <= 1.0
 
 
 def _cell_count_reward(sign: float) -> Any:
@@ -215,3 +219,20 @@ def test_rollouts_at_noise_zero_are_the_ode_and_a_group_shares_its_start(structu
     assert not torch.equal(end[0], end[1])
     for steps in noisy.flows.values():
         assert steps.trajectory.log_probs.shape == (4, 4) and bool(torch.isfinite(steps.trajectory.log_probs).all())
+
+
+def test_the_truth_scene_is_the_conditions_own_latents_decoded(structure_smoke: RunOutcome) -> None:
+    """The report's ceiling (truth_reward) scores sample 0's true cells and latents through the VAE: its cells are
+    the sample's own, and its voxels are what the VAE decodes them to, not another sample's."""
+    from interiorfusion_finetune.grpo_stage import truth_scene
+    from interiorfusion_structure.generate import decode_scenes
+
+    gen, batch = _rollout_inputs(structure_smoke)
+    truth = truth_scene(gen, batch)
+    own = batch["coords"][batch["coords"][:, 0] == 0, 1:].numpy()
+    assert np.array_equal(np.sort(truth.cells, 0), np.sort(own, 0))
+    everyone = decode_scenes(gen.vae, batch["coords"], batch["num_tokens"], batch["feats"], gen.stats[gen.resolution],
+                             gen.compression, gen.resolution, batch, {})
+    assert np.array_equal(truth.voxels, everyone[0].voxels)
+    other = next(s for s in everyone if len(s.cells) != len(own) or not np.array_equal(s.cells, everyone[0].cells))
+    assert not np.array_equal(truth.voxels, other.voxels)
